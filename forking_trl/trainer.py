@@ -1,0 +1,284 @@
+"""`ForkingGRPOTrainer`: TRL's `GRPOTrainer` with the policy gradient restricted to forking tokens.
+
+Thin glue over TRL's narrowest hooks (`trl>=1.16,<1.17`; `tests/test_trl_contract.py` fails loudly if they change):
+
+- `get_high_entropy_mask(entropies, mask, threshold)`: TRL's `_compute_loss` multiplies its result into the
+  per-token policy loss, before the KL term is added and before the loss is normalized by the completion mask.
+  We return the forking selection there (as float weights when `forking_normalizer="kept"`), so unselected tokens
+  get zero policy gradient while their KL term and the normalizer are untouched. TRL calls the hook only when
+  `self.top_entropy_quantile < 1`, so the trainer sets that attribute below 1 for every mode.
+- `compute_loss(model, inputs)`: only remembers the micro-batch inputs, so the hook can read a mask that arrived
+  with them (`forking_scope="batch"`) and the completion ids (the kept-token counter).
+- `_generate_and_score_completions` and `_get_per_token_logps_and_entropies`: with `forking_scope="batch"` only,
+  the entropies of the whole generation batch are taken from TRL's old-log-prob pass (or one extra no-grad forward
+  when TRL makes none), the selection is made once, and its mask rides with the inputs through TRL's shuffle and
+  split into micro-batches.
+
+The entropies are TRL's: from the fused LM head, at the sampling temperature, of the current policy; no second pass
+over the logits.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import textwrap
+
+import torch
+import torch.distributed as dist
+from trl import GRPOConfig, GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+
+from .config import SEQUENCE_MEAN_LOSSES, ForkingGRPOConfig
+from .selection import ForkingSelection, forking_select
+
+logger = logging.getLogger(__name__)
+
+
+class ForkingGRPOTrainer(GRPOTrainer):
+    """`trl.GRPOTrainer` whose policy gradient reaches only the selected (by default top-20% entropy) tokens.
+
+    Same constructor as `GRPOTrainer`. `args` may be a `ForkingGRPOConfig`, or a plain `GRPOConfig`, which is
+    promoted with the forking defaults (`forking_mode="top"`, `forking_ratio=0.2`); a plain config's
+    `top_entropy_quantile < 1` becomes `forking_ratio`.
+
+    Metrics (averaged by TRL's `log`): `forking/threshold`, `forking/kept_fraction`, `forking/entropy_kept`,
+    `forking/entropy_dropped`, and `forking/nonfinite_tokens` when a valid token's entropy was NaN or inf.
+    """
+
+    _tag_names = ["trl", "grpo", "forking-trl", "forking-tokens"]
+    _name = "Forking GRPO"
+    _paper = {
+        "title": "Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective Reinforcement Learning for "
+        "LLM Reasoning",
+        "id": "2506.01939",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{wang2025beyond,
+                title        = {{Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective Reinforcement Learning for LLM Reasoning}},
+                author       = {Shenzhi Wang and Le Yu and Chang Gao and Chujie Zheng and Shixuan Liu and Rui Lu and Kai Dang and Xionghui Chen and Jianxin Yang and Zhenru Zhang and Yuqiong Liu and An Yang and Andrew Zhao and Yang Yue and Shiji Song and Bowen Yu and Gao Huang and Junyang Lin},
+                year         = 2025,
+                eprint       = {arXiv:2506.01939},
+            }"""),
+    }
+
+    def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, *pos_args, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = ForkingGRPOConfig(f"{name.split('/')[-1]}-ForkingGRPO")
+        elif not isinstance(args, ForkingGRPOConfig):
+            args = ForkingGRPOConfig.from_grpo_config(args)
+        super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
+
+        # TRL applies `get_high_entropy_mask` only when this is below 1; our hook reads the forking_* fields instead.
+        self.top_entropy_quantile = 0.0
+
+        self._forking_inputs: dict | None = None  # the micro-batch `compute_loss` is working on
+        self._forking_capture: bool = False  # batch scope: take entropies from TRL's old-log-prob pass
+        self._forking_captured: torch.Tensor | None = None
+        self._forking_warned_nonfinite = False
+        self._forking_generator = torch.Generator(device=self.accelerator.device)
+        self._forking_generator.manual_seed(args.seed + 1_000_003 * self.accelerator.process_index)
+        self._kept_token_counts: collections.Counter[int] = collections.Counter()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # hooks
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._forking_inputs = inputs
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self._forking_inputs = None
+
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Per-token policy-gradient weights of the micro-batch: 0 for unselected tokens.
+
+        Args:
+            entropies: `(B, T)` entropies of the current policy at the sampling temperature (TRL's fused head).
+            mask: `(B, T)` completion mask (times the tool mask); 0 for padding.
+            threshold: TRL's `1 - top_entropy_quantile`, unused: the `forking_*` fields decide.
+
+        Returns:
+            `(B, T)` bool mask, or float weights with `forking_normalizer="kept"`.
+        """
+        inputs = self._forking_inputs or {}
+        if "forking_mask" in inputs:  # batch scope: selected once per generation batch, metrics logged then
+            keep = inputs["forking_mask"] & mask.bool()
+            return self._policy_weights(keep, mask, inputs["forking_scale"])
+        selection = self._select(entropies, mask, per_sequence=self.args.forking_scope == "sequence")
+        self._log_selection(selection, entropies, mask)
+        self._count_kept_tokens(selection.mask, inputs.get("completion_ids"))
+        scale = selection.num_valid.clamp(min=1) / selection.num_kept.clamp(min=1)  # () or (B,) for sequence scope
+        return self._policy_weights(selection.mask, mask, scale)
+
+    def _generate_and_score_completions(self, inputs):
+        if self.args.forking_scope != "batch":
+            return super()._generate_and_score_completions(inputs)
+
+        reuses_old_logps = self._trl_computes_old_logps()
+        self._forking_capture, self._forking_captured = reuses_old_logps, None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._forking_capture = False
+        if ("old_per_token_logps" in output) != reuses_old_logps:
+            raise RuntimeError(
+                "forking_scope='batch': TRL computed old log-probs when forking_trl did not expect it (or the "
+                "reverse); this TRL version is not supported. Use forking_scope='micro_batch'."
+            )
+        entropies = self._forking_captured if reuses_old_logps else self._generation_batch_entropies(output)
+        self._forking_captured = None
+
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        selection = self._select(entropies, mask, per_sequence=False)
+        self._log_selection(selection, entropies, mask)
+        self._count_kept_tokens(selection.mask, output["completion_ids"])
+        # (B, T) bool and a 0-dim scale: TRL's shuffle and split carry both to every micro-batch
+        output["forking_mask"] = selection.mask
+        output["forking_scale"] = (selection.num_valid.clamp(min=1) / selection.num_kept.clamp(min=1)).float()
+        return output
+
+    def _get_per_token_logps_and_entropies(self, model, *args, compute_entropy=False, **kwargs):
+        capture = self._forking_capture and self._forking_captured is None and model is self.model
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
+            model, *args, compute_entropy=compute_entropy or capture, **kwargs
+        )
+        if capture:  # the first call of the generation batch is TRL's old-log-prob pass with the policy
+            self._forking_captured = entropies.detach().float()
+            entropies = entropies if compute_entropy else None
+        return logps, entropies, aux_loss
+
+    # ------------------------------------------------------------------------------------------------------------
+    # helpers
+
+    def _trl_computes_old_logps(self) -> bool:
+        # mirrors the condition in GRPOTrainer._generate_and_score_completions; checked against its output above
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return self.args.gradient_accumulation_steps % generate_every != 0 or bool(
+            self.use_vllm and self.vllm_importance_sampling_correction
+        )
+
+    @torch.no_grad()
+    def _generation_batch_entropies(self, output: dict) -> torch.Tensor:
+        """One extra no-grad forward over the generation batch, for its entropies (text models only)."""
+        if any(key in output for key in ("pixel_values", "image_grid_thw", "num_images")):
+            raise ValueError(
+                "forking_scope='batch' computes the generation batch's entropies with an extra text-only forward, "
+                "which does not support image inputs. Use forking_scope='micro_batch'."
+            )
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        mode = "train" if self.model.training else "eval"
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        extra = {k: output[k] for k in ("token_type_ids", "mm_token_type_ids") if k in output}
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            _, entropies, _ = super()._get_per_token_logps_and_entropies(
+                self.model,
+                input_ids,
+                attention_mask,
+                output["completion_ids"].size(1),
+                batch_size=batch_size,
+                compute_entropy=True,
+                **extra,
+            )
+        return entropies.float()
+
+    def _select(self, entropies: torch.Tensor, mask: torch.Tensor, per_sequence: bool) -> ForkingSelection:
+        scope = self.args.forking_scope
+        distributed = scope in ("micro_batch", "batch") and self.accelerator.num_processes > 1
+        return forking_select(
+            entropies,
+            mask,
+            mode=self.args.forking_mode,
+            ratio=self.args.forking_ratio,
+            selection=self.args.forking_selection,
+            per_sequence=per_sequence,
+            group=dist.group.WORLD if distributed else None,
+            generator=self._forking_generator,
+        )
+
+    def _policy_weights(self, keep: torch.Tensor, mask: torch.Tensor, scope_scale: torch.Tensor) -> torch.Tensor:
+        """`keep` as the multiplier of the per-token policy loss, `(B, T)`."""
+        if self.args.forking_normalizer == "all":
+            return keep
+        if self.loss_type in SEQUENCE_MEAN_LOSSES:  # each sequence is averaged on its own: valid_i / kept_i
+            scale = mask.sum(dim=1).clamp(min=1) / keep.sum(dim=1).clamp(min=1)  # (B,)
+        else:  # one token mean over the scope: valid / kept there
+            scale = scope_scale
+        scale = scale.to(mask.device, torch.float32)
+        return keep.float() * (scale.unsqueeze(-1) if scale.dim() == 1 else scale)
+
+    def _log_selection(self, selection: ForkingSelection, entropies: torch.Tensor, mask: torch.Tensor) -> None:
+        """Append the forking metrics, reduced over all processes in one small all-reduce."""
+        mode = "train" if self.model.training else "eval"
+        entropies = entropies.detach().float()
+        valid = mask.bool() & torch.isfinite(entropies)
+        keep = selection.mask
+        dropped = valid & ~keep
+        tau = selection.threshold.reshape(-1)
+        tau = tau[torch.isfinite(tau)]
+        local = torch.stack(
+            [
+                keep.sum().float(),
+                valid.sum().float(),
+                torch.where(keep, entropies, 0.0).sum(),
+                torch.where(dropped, entropies, 0.0).sum(),
+                tau.sum() if tau.numel() else torch.zeros((), device=tau.device),
+                torch.tensor(float(tau.numel()), device=tau.device),
+            ]
+        ).to(self.accelerator.device)
+        kept, valid_n, h_kept, h_dropped, tau_sum, tau_n = self.accelerator.reduce(local, reduction="sum").tolist()
+        metrics = self._metrics[mode]
+        metrics["forking/kept_fraction"].append(kept / valid_n if valid_n else float("nan"))
+        metrics["forking/entropy_kept"].append(h_kept / kept if kept else float("nan"))
+        metrics["forking/entropy_dropped"].append(h_dropped / (valid_n - kept) if valid_n > kept else float("nan"))
+        if self.args.forking_mode != "random" and tau_n:
+            # global scopes: every process holds the same tau; rank/sequence scopes: the mean of the local ones
+            metrics["forking/threshold"].append(tau_sum / tau_n)
+        if selection.num_nonfinite:
+            metrics["forking/nonfinite_tokens"].append(float(selection.num_nonfinite))
+            if not self._forking_warned_nonfinite:
+                logger.warning(
+                    "forking_trl: %d valid completion tokens had a NaN or inf entropy; they were excluded from the "
+                    "selection and receive no policy gradient (logged as forking/nonfinite_tokens). NaN entropies "
+                    "usually mean NaN logits: check the learning rate and the dtype.",
+                    selection.num_nonfinite,
+                )
+                self._forking_warned_nonfinite = True
+
+    def _count_kept_tokens(self, keep: torch.Tensor, completion_ids: torch.Tensor | None) -> None:
+        """Count kept token ids of this process for the window's most-frequent kept tokens (no extra forward)."""
+        if not self.args.forking_log_top_tokens or completion_ids is None or not self.model.training:
+            return
+        ids, counts = torch.unique(completion_ids[keep.bool()], return_counts=True)
+        self._kept_token_counts.update(dict(zip(ids.tolist(), counts.tolist())))
+
+    def top_kept_tokens(self, n: int | None = None) -> list[tuple[str, int]]:
+        """The most frequent kept tokens of the current logging window on this process, decoded, with counts."""
+        n = self.args.forking_log_top_tokens if n is None else n
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        return [(tokenizer.decode([token_id]), count) for token_id, count in self._kept_token_counts.most_common(n)]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and self._kept_token_counts:
+            top = self.top_kept_tokens()
+            self._kept_token_counts.clear()
+            if self.accelerator.is_main_process and top:
+                shown = ", ".join(f"{text!r}×{count}" for text, count in top)
+                print(f"[forking] step {self.state.global_step}: most frequent kept tokens: {shown}")
+                self._log_top_tokens_table(top)
+        super().log(logs, start_time)
+
+    def _log_top_tokens_table(self, top: list[tuple[str, int]]) -> None:
+        if not self.args.report_to or "wandb" not in self.args.report_to:
+            return
+        import wandb  # only when the user asked for wandb
+
+        if wandb.run is not None:
+            table = wandb.Table(columns=["step", "token", "count"])
+            for text, count in top:
+                table.add_data(self.state.global_step, text, count)
+            wandb.log({"forking/top_kept_tokens": table}, commit=False)
