@@ -1,0 +1,69 @@
+"""Train a tiny ForkingGRPOTrainer under `accelerate launch`; used by the multi-process and ZeRO-3 tests.
+
+Each process writes `rank{N}.json` to the output dir: the thresholds it used, its kept fractions, and whether its
+parameters changed. With `--empty_rank R`, process R's completions are all padding (its completion mask is zeroed
+after generation), so it takes part in the selection with zero valid tokens.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+from forking_trl import ForkingGRPOConfig, ForkingGRPOTrainer
+
+from _util import length_reward, prompt_dataset  # noqa: E402  (tests/ is on sys.path through PYTHONPATH)
+
+
+class RecordingTrainer(ForkingGRPOTrainer):
+    def __init__(self, *args, empty_rank=-1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.empty_rank = empty_rank
+        self.thresholds = []
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self.accelerator.process_index == self.empty_rank:
+            output["completion_mask"] = torch.zeros_like(output["completion_mask"])
+        return output
+
+    def _select(self, entropies, mask, per_sequence):
+        selection = super()._select(entropies, mask, per_sequence)
+        self.thresholds.append(selection.threshold.item())
+        return selection
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--empty_rank", type=int, default=-1)
+    parser.add_argument("--scope", default="micro_batch")
+    parser.add_argument("--max_steps", type=int, default=2)
+    cli = parser.parse_args()
+
+    args = ForkingGRPOConfig(
+        output_dir=cli.output_dir, per_device_train_batch_size=4, num_generations=4, max_completion_length=10,
+        max_steps=cli.max_steps, logging_steps=1, learning_rate=1e-2, report_to=[], save_strategy="no", seed=0,
+        forking_scope=cli.scope, disable_tqdm=True, bf16=torch.cuda.is_available(),
+    )
+    trainer = RecordingTrainer(
+        cli.model, length_reward, args=args, train_dataset=prompt_dataset(), empty_rank=cli.empty_rank
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.numel()}
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    record = {
+        "world_size": trainer.accelerator.num_processes,
+        "thresholds": trainer.thresholds,
+        "kept_fraction": [e["forking/kept_fraction"] for e in trainer.state.log_history if "forking/kept_fraction" in e],
+        "deepspeed": trainer.is_deepspeed_enabled,
+        "params_seen": len(before),
+    }
+    with open(os.path.join(cli.output_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+
+
+if __name__ == "__main__":
+    main()

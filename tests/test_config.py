@@ -1,0 +1,84 @@
+import pytest
+from trl import GRPOConfig, TrlParser
+
+from forking_trl import ForkingGRPOConfig
+
+COMMON = dict(output_dir="/tmp/forking-config-test", report_to=[], use_cpu=True)
+
+
+def test_defaults_are_the_papers():
+    args = ForkingGRPOConfig(**COMMON)
+    assert (args.forking_mode, args.forking_ratio, args.forking_scope) == ("top", 0.2, "micro_batch")
+    assert (args.forking_selection, args.forking_normalizer) == ("threshold", "all")
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("forking_mode", "middle", "'top', 'bottom', 'all', 'random'"),
+        ("forking_scope", "global", "'micro_batch', 'rank', 'sequence', 'batch'"),
+        ("forking_selection", "fuzzy", "'threshold', 'exact'"),
+        ("forking_normalizer", "none", "'all', 'kept'"),
+        ("forking_ratio", 0.0, "(0, 1]"),
+        ("forking_ratio", 1.2, "(0, 1]"),
+        ("forking_ratio", "0.2", "(0, 1]"),
+        ("forking_log_top_tokens", -1, ">= 0"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_allowed_values(field, value, allowed):
+    with pytest.raises(ValueError) as err:
+        ForkingGRPOConfig(**COMMON, **{field: value})
+    assert field in str(err.value) and allowed in str(err.value)
+
+
+def test_top_entropy_quantile_points_to_forking_ratio():
+    with pytest.raises(ValueError, match="forking_ratio"):
+        ForkingGRPOConfig(**COMMON, top_entropy_quantile=0.2)
+
+
+def test_sequence_level_importance_sampling_is_rejected_unless_all():
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        ForkingGRPOConfig(**COMMON, importance_sampling_level="sequence")
+    ForkingGRPOConfig(**COMMON, importance_sampling_level="sequence", forking_mode="all")
+
+
+@pytest.mark.parametrize("loss_type", ["dr_grpo", "luspo"])
+def test_kept_normalizer_needs_a_token_count(loss_type):
+    with pytest.raises(ValueError, match="forking_normalizer"):
+        ForkingGRPOConfig(**COMMON, loss_type=loss_type, forking_normalizer="kept")
+
+
+def test_promotion_keeps_derived_fields_and_translates_quantile():
+    plain = GRPOConfig(
+        **COMMON, per_device_train_batch_size=4, num_generations=4, steps_per_generation=3, top_entropy_quantile=0.3
+    )
+    promoted = ForkingGRPOConfig.from_grpo_config(plain)
+    assert isinstance(promoted, ForkingGRPOConfig)
+    assert (promoted.steps_per_generation, promoted.generation_batch_size) == (3, 12)
+    assert (promoted.forking_mode, promoted.forking_ratio, promoted.top_entropy_quantile) == ("top", 0.3, 1.0)
+    assert plain.top_entropy_quantile == 0.3  # the user's object is left alone
+
+    defaults = ForkingGRPOConfig.from_grpo_config(GRPOConfig(**COMMON), forking_mode="bottom", forking_ratio=0.8)
+    assert (defaults.forking_mode, defaults.forking_ratio, defaults.forking_scope) == ("bottom", 0.8, "micro_batch")
+    with pytest.raises(ValueError, match="forking_mode"):
+        ForkingGRPOConfig.from_grpo_config(GRPOConfig(**COMMON), forking_mode="nope")
+    with pytest.raises(TypeError, match="forking_typo"):
+        ForkingGRPOConfig.from_grpo_config(GRPOConfig(**COMMON), forking_typo=1)
+
+
+def test_every_forking_field_is_documented():
+    doc = ForkingGRPOConfig.__doc__
+    for name, f in ForkingGRPOConfig.__dataclass_fields__.items():
+        if name.startswith("forking_"):
+            assert f"{name} (`" in doc, name
+            assert f.metadata.get("help"), name
+    assert "2506.01939" in doc
+
+
+def test_cli_flags_parse_and_choices_are_enforced():
+    (args,) = TrlParser(ForkingGRPOConfig).parse_args_and_config(
+        ["--output_dir", "/tmp/x", "--forking_mode", "bottom", "--forking_ratio", "0.8", "--use_cpu", "true"]
+    )
+    assert (args.forking_mode, args.forking_ratio) == ("bottom", 0.8)
+    with pytest.raises(SystemExit):
+        TrlParser(ForkingGRPOConfig).parse_args_and_config(["--output_dir", "/tmp/x", "--forking_mode", "middle"])

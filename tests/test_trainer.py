@@ -1,0 +1,208 @@
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+from trl import GRPOConfig, GRPOTrainer
+
+from _util import changed, length_reward, logged, prompt_dataset, snapshot, trainer_args
+from forking_trl import ForkingGRPOConfig, ForkingGRPOTrainer, forking_mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gradient: unselected tokens get exactly zero policy gradient
+
+
+def fixed_batch(trainer, batch=4, prompt_len=5, completion_len=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vocab = trainer.model.config.vocab_size
+    completion_mask = torch.ones(batch, completion_len, dtype=torch.long)
+    completion_mask[1, 6:] = 0  # padding
+    completion_mask[3, 3:] = 0
+    return {
+        "prompt_ids": torch.randint(10, vocab, (batch, prompt_len), generator=g),
+        "prompt_mask": torch.ones(batch, prompt_len, dtype=torch.long),
+        "completion_ids": torch.randint(10, vocab, (batch, completion_len), generator=g),
+        "completion_mask": completion_mask,
+        "advantages": torch.tensor([1.0, -0.5, 0.7, -1.2]),
+        "num_items_in_batch": completion_mask.sum(),
+    }
+
+
+def logps_grad(trainer, inputs):
+    """Gradient of the loss with respect to the per-token log-probs, and the mask the hook returned."""
+    seen = {}
+    get_logps = trainer._get_per_token_logps_and_entropies
+    get_mask = trainer.get_high_entropy_mask
+
+    def capture_logps(*args, **kwargs):
+        logps, entropies, aux = get_logps(*args, **kwargs)
+        logps.retain_grad()
+        seen["logps"] = logps
+        return logps, entropies, aux
+
+    def capture_mask(entropies, mask, threshold):
+        seen["weights"] = get_mask(entropies, mask, threshold)
+        seen["entropies"] = entropies.detach()
+        return seen["weights"]
+
+    trainer._get_per_token_logps_and_entropies = capture_logps
+    trainer.get_high_entropy_mask = capture_mask
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    return seen["logps"].grad, seen["weights"], seen["entropies"]
+
+
+@pytest.fixture(scope="module")
+def make_trainer(tiny_model, tmp_path_factory):
+    def make(**overrides):
+        args = trainer_args(tmp_path_factory.mktemp("grad"), **overrides)
+        return ForkingGRPOTrainer(tiny_model, length_reward, args=args, train_dataset=prompt_dataset())
+
+    return make
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo"])
+@pytest.mark.parametrize("mode", ["top", "bottom", "random"])
+def test_unselected_tokens_get_zero_policy_gradient(make_trainer, loss_type, mode):
+    trainer = make_trainer(loss_type=loss_type, forking_mode=mode, forking_ratio=0.3 if mode != "bottom" else 0.7)
+    inputs = fixed_batch(trainer)
+    grad, weights, entropies = logps_grad(trainer, inputs)
+    keep = weights.bool()
+    valid = inputs["completion_mask"].bool()
+    assert keep.any() and (valid & ~keep).any()
+    assert torch.all(grad[~keep] == 0)  # exactly zero: dropped tokens and padding
+    assert torch.all(grad[keep] != 0)
+    if mode != "random":
+        expected = forking_mask(entropies, valid, mode=mode, ratio=trainer.args.forking_ratio)
+        assert torch.equal(keep, expected)
+
+
+def test_kl_term_still_reaches_unselected_tokens(make_trainer):
+    trainer = make_trainer(beta=0.1)
+    inputs = fixed_batch(trainer)
+    inputs["ref_per_token_logps"] = torch.full(inputs["completion_ids"].shape, -6.0)
+    grad, weights, _ = logps_grad(trainer, inputs)
+    dropped = inputs["completion_mask"].bool() & ~weights.bool()
+    assert torch.all(grad[dropped] != 0)
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "dapo", "grpo"])
+def test_kept_normalizer_scales_by_valid_over_kept(make_trainer, loss_type):
+    kw = dict(loss_type=loss_type, forking_ratio=0.25, forking_selection="exact")
+    grad_all, weights, _ = logps_grad(make_trainer(forking_normalizer="all", **kw), fixed_batch(make_trainer(**kw)))
+    grad_kept, weights_kept, _ = logps_grad(make_trainer(forking_normalizer="kept", **kw), fixed_batch(make_trainer(**kw)))
+    keep = weights.bool()
+    assert torch.equal(keep, weights_kept.bool())
+    valid = fixed_batch(make_trainer(**kw))["completion_mask"].bool()
+    if loss_type == "grpo":  # per sequence
+        factor = (valid.sum(1) / keep.sum(1).clamp(min=1)).unsqueeze(1).expand_as(keep)[keep]
+    else:
+        factor = valid.sum() / keep.sum()
+    torch.testing.assert_close(grad_kept[keep], grad_all[keep] * factor, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# agreement with TRL's own mask
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_threshold_micro_batch_agrees_with_trl(seed):
+    g = torch.Generator().manual_seed(seed)
+    entropies = torch.rand(6, 40, generator=g) * 5
+    mask = torch.arange(40) < torch.randint(1, 41, (6, 1), generator=g)
+    fake_trainer = SimpleNamespace(accelerator=Accelerator(cpu=True))
+    trl_mask = GRPOTrainer.get_high_entropy_mask(fake_trainer, entropies, mask.long(), 1 - 0.2)
+    ours = forking_mask(entropies, mask, mode="top", ratio=0.2)
+    assert (trl_mask ^ ours).sum().item() <= 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training smoke tests
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(forking_mode="top"),
+        dict(forking_mode="bottom", forking_ratio=0.8),
+        dict(forking_mode="random"),
+        dict(forking_mode="all"),
+        dict(forking_mode="top", forking_scope="sequence", forking_selection="exact"),
+        dict(forking_mode="top", forking_scope="rank", forking_normalizer="kept", loss_type="dapo"),
+        dict(forking_mode="top", forking_scope="batch", forking_selection="exact"),
+        dict(forking_mode="top", forking_scope="batch", num_iterations=2),
+    ],
+    ids=["top", "bottom", "random", "all", "sequence", "rank-kept", "batch", "batch-reuse"],
+)
+def test_training_smoke(tiny_model, tmp_path, overrides):
+    args = trainer_args(tmp_path, **overrides)
+    trainer = ForkingGRPOTrainer(tiny_model, length_reward, args=args, train_dataset=prompt_dataset())
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert changed(before, trainer.model)
+    kept = logged(trainer, "forking/kept_fraction")
+    assert kept and all(math.isfinite(k) for k in kept)
+    expected = 1.0 if args.forking_mode == "all" else args.forking_ratio
+    tolerance = 0.12 if args.forking_selection == "threshold" or args.forking_scope == "sequence" else 0.03
+    assert all(abs(k - expected) <= tolerance for k in kept), kept
+    assert logged(trainer, "forking/entropy_kept")
+    if args.forking_mode in ("top", "bottom"):
+        assert logged(trainer, "forking/threshold")
+    if args.forking_mode == "top":
+        kept_h, dropped_h = logged(trainer, "forking/entropy_kept")[0], logged(trainer, "forking/entropy_dropped")[0]
+        assert kept_h > dropped_h
+
+
+@pytest.mark.slow
+def test_drop_in_with_plain_grpo_config(tiny_model, tmp_path):
+    args = GRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=12,
+        max_steps=1, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, top_entropy_quantile=0.3,
+    )
+    trainer = ForkingGRPOTrainer(tiny_model, length_reward, args=args, train_dataset=prompt_dataset())
+    assert isinstance(trainer.args, ForkingGRPOConfig)
+    assert (trainer.args.forking_mode, trainer.args.forking_ratio) == ("top", 0.3)
+    assert trainer.args.generation_batch_size == args.generation_batch_size
+    trainer.train()
+    assert abs(logged(trainer, "forking/kept_fraction")[0] - 0.3) < 0.12
+
+    default = ForkingGRPOTrainer(tiny_model, length_reward, args=GRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, report_to=[], use_cpu=True,
+    ), train_dataset=prompt_dataset())
+    assert (default.args.forking_mode, default.args.forking_ratio) == ("top", 0.2)
+
+
+@pytest.mark.slow
+def test_lora_trains_only_adapter_weights(tiny_model, tmp_path):
+    from peft import LoraConfig
+
+    args = trainer_args(tmp_path, learning_rate=5e-2)
+    trainer = ForkingGRPOTrainer(
+        tiny_model, length_reward, args=args, train_dataset=prompt_dataset(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    before = snapshot(trainer.model)
+    trainer.train()
+    moved = changed(before, trainer.model)
+    assert moved and all("lora_" in name for name in moved), moved
+    assert logged(trainer, "forking/kept_fraction")
+
+
+@pytest.mark.slow
+def test_kept_token_counter_prints_at_logging_steps(tiny_model, tmp_path, capsys):
+    trainer = ForkingGRPOTrainer(
+        tiny_model, length_reward, args=trainer_args(tmp_path, max_steps=1), train_dataset=prompt_dataset()
+    )
+    trainer.train()
+    assert "most frequent kept tokens" in capsys.readouterr().out
+
+
+def test_model_card_cites_the_paper():
+    assert ForkingGRPOTrainer._paper["id"] == "2506.01939"
+    assert "forking-trl" in ForkingGRPOTrainer._tag_names

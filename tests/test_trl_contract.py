@@ -1,0 +1,74 @@
+"""Fails loudly when a TRL hook that ForkingGRPOTrainer relies on changes. Read forking_trl/trainer.py's docstring."""
+
+import inspect
+
+import trl
+from packaging.version import Version
+from trl import GRPOTrainer
+from trl.trainer import utils as trl_utils
+
+TESTED = (Version("1.16"), Version("1.17"))
+
+
+def source(fn) -> str:
+    return inspect.getsource(fn)
+
+
+def test_trl_version_is_in_the_tested_range():
+    assert TESTED[0] <= Version(trl.__version__) < TESTED[1], (
+        f"forking_trl is tested with trl>={TESTED[0]},<{TESTED[1]}; found {trl.__version__}. Re-check the hooks "
+        "below and setup.cfg's pin before widening it."
+    )
+
+
+def test_get_high_entropy_mask_signature():
+    params = list(inspect.signature(GRPOTrainer.get_high_entropy_mask).parameters)
+    assert params == ["self", "entropies", "mask", "threshold"]
+
+
+def test_compute_loss_applies_the_hook_to_the_policy_term_only():
+    body = source(GRPOTrainer._compute_loss)
+    # the hook is called when top_entropy_quantile < 1 with the entropies TRL computed for the micro-batch
+    assert "if self.top_entropy_quantile < 1.0:" in body
+    assert "self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)" in body
+    assert "compute_entropy=True" in body
+    # ...multiplied into the policy loss before the KL term is added and before normalization
+    mask_at = body.index("per_token_loss = per_token_loss * entropy_mask")
+    kl_at = body.index("per_token_loss = per_token_loss + self.beta * per_token_kl")
+    assert mask_at < kl_at
+    assert body.index("self.get_high_entropy_mask(") < body.index('inputs["advantages"]')
+
+
+def test_compute_loss_entry_point():
+    params = list(inspect.signature(GRPOTrainer.compute_loss).parameters)
+    assert params == ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]
+    assert "self._compute_loss(model, inputs)" in source(GRPOTrainer.compute_loss)
+
+
+def test_generation_batch_hooks_for_batch_scope():
+    params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
+    assert list(params)[:5] == ["self", "model", "input_ids", "attention_mask", "logits_to_keep"]
+    assert "compute_entropy" in params and "batch_size" in params
+    gen = source(GRPOTrainer._generate_and_score_completions)
+    # the old-log-prob pass (reused for entropies) comes before the reference pass, under this condition
+    old_at = gen.index("old_per_token_logps, _, _ = self._get_per_token_logps_and_entropies(")
+    assert old_at < gen.index("ref_per_token_logps, _, _ = self._get_per_token_logps_and_entropies(")
+    assert "if self.args.gradient_accumulation_steps % generate_every != 0 or (" in gen
+    assert "self.use_vllm and self.vllm_importance_sampling_correction" in gen
+    # the inputs dict carries every tensor through shuffle and split (mask added by forking_trl rides along)
+    prep = source(GRPOTrainer._prepare_inputs)
+    assert "shuffle_sequence_dict(generation_batch)" in prep
+    assert "split_tensor_dict(generation_batch, self.args.steps_per_generation)" in prep
+
+
+def test_fused_head_returns_entropy_at_the_sampling_temperature():
+    init = source(GRPOTrainer.__init__)
+    assert 'outputs=("log_probs", "entropy")' in init
+    assert "temperature=self.temperature" in init
+    assert "self.top_entropy_quantile = args.top_entropy_quantile" in init
+    assert "temperature" in inspect.signature(trl_utils.add_fused_lm_head).parameters
+
+
+def test_log_and_metrics_store():
+    assert list(inspect.signature(GRPOTrainer.log).parameters) == ["self", "logs", "start_time"]
+    assert "self._metrics[mode].items()" in source(GRPOTrainer.log)
