@@ -1,0 +1,133 @@
+"""Math RL datasets normalised to `prompt` (chat messages) + `solution` (the gold final answer).
+
+Schemas recognised, by their columns:
+- DAPO-Math-17k: chat `prompt`, gold in `reward_model.ground_truth`;
+- MATH / MATH-500 / AIME / AMC / Minerva / OlympiadBench: `problem` + `answer` (or `problem` + a worked `solution`
+  whose last `\\boxed{}` is the gold);
+- GSM8K: `question` + `answer`, the gold after `####`;
+- already normalised: `prompt` (text or chat) + `solution`.
+
+Sources: a local `.jsonl` / `.json` / `.parquet` file, a bundled benchmark name (`aime24`, `aime25`, `amc23`,
+`math500`, `minervamath`, `olympiadbench`, `gsm8k`; files under `data/`, see `data/README.md`), or a Hugging Face
+Hub dataset id (needs network).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from .rewards import last_boxed
+
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+BUNDLED = {
+    "aime24": "benchmarks/aime24.jsonl",
+    "aime25": "benchmarks/aime25.jsonl",
+    "amc23": "benchmarks/amc23.jsonl",
+    "math500": "benchmarks/math500.jsonl",
+    "minervamath": "benchmarks/minervamath.jsonl",
+    "olympiadbench": "benchmarks/olympiadbench.jsonl",
+    "gsm8k": "gsm8k/test.jsonl",
+}
+BENCHMARKS = ("aime24", "aime25", "amc23", "math500", "minervamath", "olympiadbench")
+
+
+def with_instruction(problem: str, instruction: str | None = DEFAULT_INSTRUCTION) -> str:
+    """Append the instruction once: never when the problem already says how to give the final answer."""
+    problem = problem.strip()
+    if not instruction:
+        return problem
+    squashed = " ".join(problem.split())
+    if " ".join(instruction.split()) in squashed or "\\boxed" in problem or "Answer:" in problem:
+        return problem
+    return f"{problem}\n{instruction}"
+
+
+def gsm8k_gold(answer: str) -> str:
+    """GSM8K's gold: the text after `####`, without thousands separators."""
+    return answer.split("####")[-1].strip().replace(",", "")
+
+
+def normalize_example(example: dict, instruction: str | None = DEFAULT_INSTRUCTION) -> dict:
+    """One row of any recognised schema to `{"prompt": [{"role": "user", ...}], "solution": str}`."""
+    if isinstance(example.get("reward_model"), dict) and "ground_truth" in example["reward_model"]:  # DAPO
+        prompt = example["prompt"]
+        text = _user_text(prompt)
+        return {"prompt": _chat(with_instruction(text, instruction)), "solution": str(example["reward_model"]["ground_truth"])}
+    if "problem" in example and example.get("answer") not in (None, ""):  # MATH-500, AIME, AMC, ...
+        return {"prompt": _chat(with_instruction(example["problem"], instruction)), "solution": str(example["answer"])}
+    if "problem" in example and "solution" in example:  # MATH with worked solutions
+        gold = last_boxed(example["solution"]) or str(example["solution"])
+        return {"prompt": _chat(with_instruction(example["problem"], instruction)), "solution": gold}
+    if "question" in example and "answer" in example:  # GSM8K
+        return {"prompt": _chat(with_instruction(example["question"], instruction)), "solution": gsm8k_gold(example["answer"])}
+    if "prompt" in example and "solution" in example:
+        return {"prompt": _chat(with_instruction(_user_text(example["prompt"]), instruction)), "solution": str(example["solution"])}
+    raise ValueError(
+        f"unrecognised math dataset schema with columns {sorted(example)}; expected one of: prompt+reward_model "
+        "(DAPO), problem+answer (MATH/AIME/AMC), problem+solution (MATH), question+answer (GSM8K), prompt+solution."
+    )
+
+
+def _user_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    if not users:
+        raise ValueError("a chat prompt without a user message")
+    return users[-1]
+
+
+def _chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def load_math_dataset(
+    source: str,
+    split: str = "train",
+    *,
+    instruction: str | None = DEFAULT_INSTRUCTION,
+    limit: int | None = None,
+    seed: int = 0,
+):
+    """Load a math dataset from a file, a bundled name, or the Hub, normalised to `prompt` + `solution`."""
+    from datasets import load_dataset
+
+    path = Path(source)
+    if source in BUNDLED:
+        path = DATA_DIR / BUNDLED[source]
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        if not path.exists():
+            raise FileNotFoundError(f"dataset file {str(path)!r} not found")
+        dataset = load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path), split="train")
+    else:
+        dataset = load_dataset(source, split=split)
+    if limit is not None and limit < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(limit))
+    return dataset.map(
+        normalize_example, fn_kwargs={"instruction": instruction}, remove_columns=dataset.column_names
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# synthetic arithmetic with worked answers: the offline demo's data
+
+
+def synthetic_arithmetic(n: int, seed: int = 0, max_operand: int = 20) -> list[dict]:
+    """Addition/subtraction problems with a worked answer, as `prompt`, `solution` and `completion` (for SFT)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        op = rng.choice("+-")
+        result = a + b if op == "+" else a - b
+        rows.append(
+            {
+                "prompt": _chat(f"What is {a} {op} {b}?"),
+                "solution": str(result),
+                "completion": f"{a} {op} {b} = {result}. The answer is \\boxed{{{result}}}.",
+            }
+        )
+    return rows

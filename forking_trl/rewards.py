@@ -1,0 +1,338 @@
+"""Verifiable math rewards with TRL's signature `f(completions, **columns) -> list[float | None]`.
+
+- `accuracy_reward`: 1.0 when the final answer equals the gold `solution` (math-verify, `verify(gold, answer)`),
+  0.0 when not, `None` when the gold itself cannot be parsed (TRL then skips the sample). Bounded time: answers are
+  extracted and checked cheaply in-process when they are plain numbers; anything else goes to worker processes with
+  a deadline, and a worker that overruns (math-verify can hang in C code holding the GIL, where its `signal.alarm`
+  timeouts cannot fire, and those are off outside the main thread anyway) is killed and replaced. Never raises.
+- `format_reward`: 1.0 when the answer part of the completion (after `</think>`, if thinking was opened) holds a
+  `\\boxed{...}`.
+- `soft_overlong_punishment`: DAPO's soft overlong punishment, TRL's `get_soft_overlong_punishment`.
+- `get_reward_funcs(names)`: the registry behind `reward_funcs: [accuracy, format, overlong]` in YAML recipes, with
+  a dotted-path fallback (`my_pkg.rewards.my_reward` or `my_pkg.rewards:my_reward`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import json
+import logging
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+
+logger = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------------------------
+# answer extraction: cheap, bounded, in-process
+
+MAX_ANSWER_CHARS = 256  # a final answer longer than this is not credited (and never parsed)
+MAX_NESTING = 16  # brackets nested deeper than this: not credited, never parsed
+MAX_POWERS = 3  # more than this many '^' (power towers such as 10^{10^{10^{10}}}): not credited, never parsed
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_HASHES = re.compile(r"####\s*([^\n]+)")
+_ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_PLAIN_NUMBER = re.compile(r"^\s*-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?\s*$")
+
+
+def completion_text(completion) -> str:
+    """The text of a completion given as a string or as chat messages (the last assistant content)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return str(completion.get("content", ""))
+    if isinstance(completion, Sequence) and completion:
+        last = completion[-1]
+        if isinstance(last, dict):
+            content = last.get("content", "")
+            if isinstance(content, list):  # multimodal content blocks
+                return " ".join(str(block.get("text", "")) for block in content if isinstance(block, dict))
+            return str(content)
+    return str(completion) if completion is not None else ""
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or None."""
+    for match in reversed(list(_BOXED.finditer(text))):
+        depth, start = 1, match.end()
+        for i in range(start, min(len(text), start + 4 * MAX_ANSWER_CHARS)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[start:i]
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer: the last `\\boxed{}`, else `#### N`, else `Answer: ...`, else the last number."""
+    text = answer_part(text)
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    hashes = _HASHES.findall(text)
+    if hashes:
+        return hashes[-1].strip()
+    stated = _ANSWER_IS.findall(text)
+    if stated:
+        return stated[-1].strip().rstrip(".").strip("$ ")
+    numbers = _NUMBER.findall(text[-2000:])
+    return numbers[-1] if numbers else None
+
+
+def answer_part(text: str) -> str:
+    """The text after the reasoning: after the last `</think>` when there is one."""
+    end = text.rfind("</think>")
+    return text[end + len("</think>") :] if end >= 0 else text
+
+
+def _too_hostile(answer: str) -> bool:
+    if len(answer) > MAX_ANSWER_CHARS or answer.count("^") > MAX_POWERS or "**" in answer:
+        return True
+    depth = deepest = 0
+    for ch in answer:
+        if ch in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]}":
+            depth -= 1
+    return deepest > MAX_NESTING
+
+
+def _as_number(s: str) -> Fraction | None:
+    """A plain number (`72`, `-3.5`, `1,000`, `3/4`) as an exact fraction, or None."""
+    s = s.strip().strip("$").strip()
+    if not _PLAIN_NUMBER.match(s):
+        return None
+    s = s.replace(",", "").replace(" ", "")
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# math-verify in worker processes with a deadline
+
+
+def verify_pair(gold: str, answer: str) -> float | None:
+    """math-verify on one pair, in the calling process: 1.0, 0.0, or None when the gold does not parse."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    configs = [LatexExtractionConfig(), ExprExtractionConfig()]
+    gold_parsed = parse(f"${gold}$", configs, parsing_timeout=3) or parse(gold, parsing_timeout=3)
+    if not gold_parsed:
+        return None
+    answer_parsed = parse(f"${answer}$", configs, parsing_timeout=3)
+    if not answer_parsed:
+        return 0.0
+    return 1.0 if verify(gold_parsed, answer_parsed, timeout_seconds=3) else 0.0
+
+
+class _Worker:
+    """`python -m forking_trl._verify_worker`: JSON lines in, JSON lines out; independent of the caller's __main__."""
+
+    def __init__(self):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "forking_trl._verify_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
+        self.ready = False
+        self.task: int | None = None
+        self.started = time.monotonic()
+
+    def send(self, task: int, pair: tuple[str, str]) -> None:
+        self.task, self.started = task, time.monotonic()
+        self.process.stdin.write(json.dumps(pair) + "\n")
+        self.process.stdin.flush()
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=5)
+        for stream in (self.process.stdin, self.process.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+class MathVerifier:
+    """A small pool of math-verify worker processes; `check` settles each item within `timeout` seconds.
+
+    Thread-safe. Workers start on first use and stay up; one that overruns its deadline is killed and replaced, and
+    its item scores 0.0. If workers cannot start at all, items score 0.0 and a warning is logged (never raises).
+    """
+
+    def __init__(self, num_workers: int = 2, timeout: float = 5.0, start_timeout: float = 60.0):
+        self.num_workers, self.timeout, self.start_timeout = num_workers, timeout, start_timeout
+        self._workers: list[_Worker] = []
+        self._lock = threading.Lock()
+        self.num_killed = 0
+
+    def check(self, pairs: list[tuple[str, str]]) -> list[float | None]:
+        """`(gold, answer)` pairs to rewards: 1.0, 0.0, or None where the gold does not parse."""
+        if not pairs:
+            return []
+        with self._lock:
+            try:
+                return self._run(pairs)
+            except Exception as err:  # noqa: BLE001  (a reward never raises)
+                logger.warning("forking_trl: math-verify workers failed (%s); scoring %d items 0.0", err, len(pairs))
+                self.close()
+                return [0.0] * len(pairs)
+
+    def _run(self, pairs):
+        while len(self._workers) < self.num_workers:
+            self._workers.append(_Worker())
+        results: list[float | None] = [0.0] * len(pairs)
+        todo = list(range(len(pairs)))[::-1]
+        restarts = 0
+        while todo or any(w.task is not None for w in self._workers):
+            for w in self._workers:
+                if w.ready and w.task is None and todo:
+                    i = todo.pop()
+                    w.send(i, pairs[i])
+            now = time.monotonic()
+            deadlines = [w.started + (self.timeout if w.ready else self.start_timeout) for w in self._workers]
+            readable, _, _ = select.select([w.process.stdout for w in self._workers], [], [], max(0.0, min(deadlines) - now))
+            for stream in readable:
+                w = next(w for w in self._workers if w.process.stdout is stream)
+                line = stream.readline()
+                if not line:  # the worker died; its item (if any) scores 0.0
+                    restarts += 1
+                    self._replace(w)
+                    continue
+                message = json.loads(line)
+                if message == "ready":
+                    w.ready = True
+                elif w.task is not None:
+                    results[w.task], w.task = message, None
+            now = time.monotonic()
+            for w in list(self._workers):
+                limit = self.timeout if w.ready else self.start_timeout
+                if (w.task is not None or not w.ready) and now - w.started > limit:
+                    self.num_killed += 1
+                    restarts += 1
+                    self._replace(w)  # an overrunning item keeps its 0.0
+            if restarts > 4 * self.num_workers + len(pairs):
+                raise RuntimeError("workers keep dying")
+        return results
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.kill()
+        self._workers[self._workers.index(worker)] = _Worker()
+
+    def close(self) -> None:
+        for w in self._workers:
+            try:
+                w.kill()
+            except Exception:  # noqa: BLE001
+                pass
+        self._workers = []
+
+
+_VERIFIER: MathVerifier | None = None
+
+
+def default_verifier() -> MathVerifier:
+    global _VERIFIER
+    if _VERIFIER is None:
+        _VERIFIER = MathVerifier()
+        atexit.register(_VERIFIER.close)
+    return _VERIFIER
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# rewards
+
+
+def accuracy_reward(completions: list, solution: list[str], **kwargs) -> list[float | None]:
+    """1.0 if the completion's final answer equals the gold `solution`, 0.0 if not, None if the gold is unparsable.
+
+    The final answer is the last `\\boxed{...}`, else `#### N`, else `Answer: ...`, else the last number. Plain
+    numbers are compared exactly in-process; anything else is checked by math-verify in worker processes, each
+    item within 5 seconds (overrunning items score 0.0). Never raises.
+    """
+    rewards: list[float | None] = [0.0] * len(completions)
+    to_verify: list[tuple[int, str, str]] = []
+    for i, (completion, gold) in enumerate(zip(completions, solution)):
+        try:
+            gold = str(gold).strip()
+            gold = last_boxed(gold) or gold  # golds given as a worked solution with a box
+            answer = extract_answer(completion_text(completion))
+            if not gold or _too_hostile(gold):
+                rewards[i] = None
+                continue
+            if answer is None or _too_hostile(answer):
+                continue
+            gold_number, answer_number = _as_number(gold), _as_number(answer)
+            if gold_number is not None and answer_number is not None:
+                rewards[i] = 1.0 if gold_number == answer_number else 0.0
+            elif answer.strip() == gold:
+                rewards[i] = 1.0
+            else:
+                to_verify.append((i, gold, answer))
+        except Exception:  # noqa: BLE001  (a reward never raises)
+            rewards[i] = 0.0
+    if to_verify:
+        checked = default_verifier().check([(gold, answer) for _, gold, answer in to_verify])
+        for (i, _, _), value in zip(to_verify, checked):
+            rewards[i] = value
+    return rewards
+
+
+def format_reward(completions: list, **kwargs) -> list[float]:
+    """1.0 if the answer part (after `</think>`; the template may have opened `<think>` in the prompt) has a box."""
+    rewards = []
+    for completion in completions:
+        text = completion_text(completion)
+        unfinished_thinking = "<think>" in text and "</think>" not in text
+        rewards.append(0.0 if unfinished_thinking or last_boxed(answer_part(text)) is None else 1.0)
+    return rewards
+
+
+def soft_overlong_punishment(max_completion_length: int, soft_punish_cache: int) -> Callable:
+    """DAPO's soft overlong punishment (Eq. 13 of arXiv 2503.14476): TRL's implementation."""
+    from trl.rewards import get_soft_overlong_punishment
+
+    return get_soft_overlong_punishment(max_completion_length, soft_punish_cache)
+
+
+REWARDS: dict[str, Callable] = {"accuracy": accuracy_reward, "format": format_reward}
+FACTORIES: dict[str, Callable] = {"overlong": soft_overlong_punishment}
+
+
+def get_reward_funcs(
+    names: Sequence[str], *, max_completion_length: int | None = None, overlong_cache: int | None = None
+) -> list[Callable]:
+    """Reward functions by name (`accuracy`, `format`, `overlong`) or dotted path (`pkg.module.func`)."""
+    funcs = []
+    for name in names:
+        if name in REWARDS:
+            funcs.append(REWARDS[name])
+        elif name == "overlong":
+            if not max_completion_length or overlong_cache is None:
+                raise ValueError(
+                    "reward 'overlong' needs max_completion_length and overlong_cache (the soft punishment zone)."
+                )
+            funcs.append(soft_overlong_punishment(max_completion_length, overlong_cache))
+        elif "." in name or ":" in name:
+            module, _, attr = name.replace(":", ".").rpartition(".")
+            try:
+                funcs.append(getattr(importlib.import_module(module), attr))
+            except (ImportError, AttributeError) as err:
+                raise ValueError(f"reward function {name!r} could not be imported: {err}") from err
+        else:
+            known = ", ".join(sorted([*REWARDS, *FACTORIES]))
+            raise ValueError(f"unknown reward function {name!r}; use one of {known}, or a dotted path.")
+    return funcs
