@@ -3,7 +3,7 @@ PYTHON ?= python3
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench bench-quick
+.PHONY: install demo test bench
 
 install: .installed
 
@@ -21,10 +21,3 @@ test: .installed
 
 bench: .installed
 	$(PYTHON) benchmarks/bench_selection.py
-	$(PYTHON) benchmarks/bench_entropy.py
-	$(PYTHON) benchmarks/bench_step.py
-
-bench-quick: .installed
-	$(PYTHON) benchmarks/bench_selection.py --quick
-	$(PYTHON) benchmarks/bench_entropy.py --quick
-	$(PYTHON) benchmarks/bench_step.py --quick

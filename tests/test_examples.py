@@ -74,3 +74,8 @@ def test_demo_script_grpo_script_and_evaluate_end_to_end(tmp_path):
     assert "aime24" in table
     report = json.loads((tmp_path / "eval.json").read_text())
     assert set(report["results"]) == {"aime24", "amc23"} and report["results"]["aime24"]["problems"] == 2
+
+
+def test_selection_benchmark_quick_mode():
+    out = run(["benchmarks/bench_selection.py", "--quick", "--repeats", "1"], ROOT)
+    assert "100,000" in out and "x" in out.splitlines()[-1]
