@@ -206,3 +206,15 @@ def test_kept_token_counter_prints_at_logging_steps(tiny_model, tmp_path, capsys
 def test_model_card_cites_the_paper():
     assert ForkingGRPOTrainer._paper["id"] == "2506.01939"
     assert "forking-trl" in ForkingGRPOTrainer._tag_names
+
+
+def test_kept_token_counter_on_a_known_batch(make_trainer):
+    trainer = make_trainer(forking_log_top_tokens=2)
+    trainer.model.train()
+    tokenizer = trainer.processing_class
+    wait, so = tokenizer.convert_tokens_to_ids(["W", "S"])
+    ids = torch.tensor([[wait, so, wait, 5], [so, wait, 7, 7]])
+    keep = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    trainer._count_kept_tokens(keep, ids)
+    assert trainer._kept_token_counts == {wait: 3, so: 1, 7: 2}
+    assert trainer.top_kept_tokens() == [("W", 3), (tokenizer.decode([7]), 2)]
