@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
-from .selection import MODES, SELECTIONS
+from .selection import MODES, SELECTIONS, check_choice, check_selection_args
 
 SCOPES = ("micro_batch", "rank", "sequence", "batch")
 NORMALIZERS = ("all", "kept")
@@ -115,22 +115,10 @@ class ForkingGRPOConfig(GRPOConfig):
 
     def _check_forking_fields(self) -> None:
         """Validate the forking fields and their combination with TRL's; `ValueError` naming the field."""
-        if self.forking_mode not in MODES:
-            raise ValueError(f"forking_mode must be one of {_choices(MODES)}; got {self.forking_mode!r}.")
-        if self.forking_scope not in SCOPES:
-            raise ValueError(f"forking_scope must be one of {_choices(SCOPES)}; got {self.forking_scope!r}.")
-        if self.forking_selection not in SELECTIONS:
-            raise ValueError(
-                f"forking_selection must be one of {_choices(SELECTIONS)}; got {self.forking_selection!r}."
-            )
-        if self.forking_normalizer not in NORMALIZERS:
-            raise ValueError(
-                f"forking_normalizer must be one of {_choices(NORMALIZERS)}; got {self.forking_normalizer!r}."
-            )
-        ratio = self.forking_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
-            raise ValueError(f"forking_ratio must be a float in (0, 1]; got {ratio!r}.")
-        self.forking_ratio = float(ratio)
+        check_selection_args(self.forking_mode, self.forking_ratio, self.forking_selection, prefix="forking_")
+        check_choice("forking_scope", self.forking_scope, SCOPES)
+        check_choice("forking_normalizer", self.forking_normalizer, NORMALIZERS)
+        self.forking_ratio = float(self.forking_ratio)
         if isinstance(self.forking_log_top_tokens, bool) or not isinstance(self.forking_log_top_tokens, int) or (
             self.forking_log_top_tokens < 0
         ):

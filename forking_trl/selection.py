@@ -53,16 +53,18 @@ class ForkingSelection:
     num_nonfinite: int  # valid tokens whose value was NaN or inf: excluded from the selection, never kept
 
 
-def check_selection_args(mode: str, ratio: float, selection: str) -> None:
-    """Raise a `ValueError` naming the argument and the allowed values when one is out of range."""
-    if mode not in MODES:
-        raise ValueError(f"forking mode must be one of {', '.join(repr(m) for m in MODES)}; got {mode!r}.")
-    if selection not in SELECTIONS:
-        raise ValueError(
-            f"forking selection must be one of {', '.join(repr(s) for s in SELECTIONS)}; got {selection!r}."
-        )
+def check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    """`ValueError` naming `name` and the allowed values unless `value` is one of them."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}.")
+
+
+def check_selection_args(mode: str, ratio: float, selection: str, *, prefix: str = "") -> None:
+    """Raise a `ValueError` naming the argument (`prefix` + its name) and the allowed values when one is off."""
+    check_choice(f"{prefix}mode", mode, MODES)
+    check_choice(f"{prefix}selection", selection, SELECTIONS)
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 < ratio <= 1.0):
-        raise ValueError(f"forking ratio must be a float in (0, 1]; got {ratio!r}.")
+        raise ValueError(f"{prefix}ratio must be a float in (0, 1]; got {ratio!r}.")
 
 
 def keep_count(n: int, ratio: float) -> int:
