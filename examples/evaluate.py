@@ -25,7 +25,8 @@ from forking_trl.data import BENCHMARKS, load_math_dataset  # noqa: E402
 from forking_trl.rewards import accuracy_reward  # noqa: E402
 
 
-def generate_transformers(model_path, prompts, args):
+def transformers_generator(model_path, args):
+    """Load the model once; return `generate(prompts) -> k completions per prompt`."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
@@ -45,28 +46,42 @@ def generate_transformers(model_path, prompts, args):
             ForkingTemperatureLogitsProcessor(args.forking_threshold, args.high_temperature, args.low_temperature)
         )
         temperature = 1.0  # the processor applies the temperatures
-    outputs = []
-    for start in tqdm(range(0, len(prompts), args.batch_size), desc="generate"):
-        batch = prompts[start : start + args.batch_size]
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in batch]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with torch.no_grad():
-            out = model.generate(
-                **enc, do_sample=True, temperature=temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                num_return_sequences=args.k, logits_processor=processors, pad_token_id=tokenizer.pad_token_id,
-            )
-        completions = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
-        outputs.extend(completions[i * args.k : (i + 1) * args.k] for i in range(len(batch)))
-    return outputs
+
+    def generate(prompts):
+        outputs = []
+        for start in tqdm(range(0, len(prompts), args.batch_size), desc="generate"):
+            batch = prompts[start : start + args.batch_size]
+            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in batch]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_p=args.top_p,
+                    max_new_tokens=args.max_new_tokens,
+                    num_return_sequences=args.k,
+                    logits_processor=processors,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            completions = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+            outputs.extend(completions[i * args.k : (i + 1) * args.k] for i in range(len(batch)))
+        return outputs
+
+    return generate
 
 
-def generate_vllm(model_path, prompts, args):
+def vllm_generator(model_path, args):
+    """Load the engine once; return `generate(prompts) -> k completions per prompt`."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model_path, dtype=args.dtype)
     params = SamplingParams(n=args.k, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens)
-    results = llm.chat(prompts, params)
-    return [[o.text for o in r.outputs] for r in results]
+
+    def generate(prompts):
+        return [[o.text for o in r.outputs] for r in llm.chat(prompts, params)]
+
+    return generate
 
 
 def main():
@@ -98,15 +113,15 @@ def main():
             backend = "transformers"
 
     results, started = {}, time.time()
+    generate = (vllm_generator if backend == "vllm" else transformers_generator)(args.model, args)
     for name in args.benchmarks:
-        data = load_math_dataset(name, instruction=None)
+        data = load_math_dataset(name)  # the instruction is added only where the problem lacks one
         if args.limit:
             data = data.select(range(min(args.limit, len(data))))
         prompts = [row["prompt"] for row in data]
-        generate = generate_vllm if backend == "vllm" else generate_transformers
-        samples = generate(args.model, prompts, args)
+        samples = generate(prompts)
         per_problem = []
-        for completions, gold in zip(samples, data["solution"]):
+        for completions, gold in zip(samples, data["solution"], strict=True):
             rewards = accuracy_reward(completions, [gold] * len(completions))
             scored = [r for r in rewards if r is not None]
             per_problem.append(sum(scored) / len(scored) if scored else None)
