@@ -6,7 +6,6 @@ synthetic corpus, and the model is a randomly initialised `Qwen3ForCausalLM` of 
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -111,7 +110,4 @@ def build_tiny_model(
     )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    (path / "forking_trl_tiny.json").write_text(
-        json.dumps({"hidden_size": hidden_size, "num_layers": num_layers, "vocab_size": vocab_size, "seed": seed})
-    )
     return path
