@@ -106,11 +106,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
         if "forking_mask" in inputs:  # batch scope: selected once per generation batch, metrics logged then
             keep = inputs["forking_mask"] & mask.bool()
             return self._policy_weights(keep, mask, inputs["forking_scale"])
-        selection = self._select(entropies, mask, per_sequence=self.args.forking_scope == "sequence")
-        self._log_selection(selection, entropies, mask)
-        self._count_kept_tokens(selection.mask, inputs.get("completion_ids"))
-        scale = selection.num_valid.clamp(min=1) / selection.num_kept.clamp(min=1)  # () or (B,) for sequence scope
-        return self._policy_weights(selection.mask, mask, scale)
+        keep, scale = self._select_and_record(entropies, mask, inputs.get("completion_ids"))
+        return self._policy_weights(keep, mask, scale)
 
     def _generate_and_score_completions(self, inputs):
         if self.args.forking_scope != "batch":
@@ -133,12 +130,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
         mask = output["completion_mask"]
         if "tool_mask" in output:
             mask = mask * output["tool_mask"]
-        selection = self._select(entropies, mask, per_sequence=False)
-        self._log_selection(selection, entropies, mask)
-        self._count_kept_tokens(selection.mask, output["completion_ids"])
         # (B, T) bool and a 0-dim scale: TRL's shuffle and split carry both to every micro-batch
-        output["forking_mask"] = selection.mask
-        output["forking_scale"] = (selection.num_valid.clamp(min=1) / selection.num_kept.clamp(min=1)).float()
+        output["forking_mask"], output["forking_scale"] = self._select_and_record(
+            entropies, mask, output["completion_ids"]
+        )
         return output
 
     def _get_per_token_logps_and_entropies(self, model, *args, compute_entropy=False, **kwargs):
@@ -185,6 +180,14 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 **extra,
             )
         return entropies.float()
+
+    def _select_and_record(self, entropies, mask, completion_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """Select, log the metrics, count the kept tokens; return the `(B, T)` mask and the valid/kept scale
+        (a scalar over the scope, or `(B,)` for the sequence scope)."""
+        selection = self._select(entropies, mask, per_sequence=self.args.forking_scope == "sequence")
+        self._log_selection(selection, entropies, mask)
+        self._count_kept_tokens(selection.mask, completion_ids)
+        return selection.mask, (selection.num_valid.clamp(min=1) / selection.num_kept.clamp(min=1)).float()
 
     def _select(self, entropies: torch.Tensor, mask: torch.Tensor, per_sequence: bool) -> ForkingSelection:
         scope = self.args.forking_scope
