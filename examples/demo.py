@@ -84,12 +84,20 @@ def plot(metrics: list[dict], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax1.plot(steps, [m["reward"] for m in metrics], marker=".", label="per step")
     window = 5
-    smooth = [sum(m["reward"] for m in metrics[max(0, i - window + 1) : i + 1]) / min(window, i + 1) for i in range(len(metrics))]
+    smooth = [
+        sum(m["reward"] for m in metrics[max(0, i - window + 1) : i + 1]) / min(window, i + 1)
+        for i in range(len(metrics))
+    ]
     ax1.plot(steps, smooth, linewidth=2, label=f"mean of last {window}")
     ax1.set(title="Accuracy reward", xlabel="optimizer step", ylabel="mean reward (fraction correct)", ylim=(0, 1))
     ax1.legend()
     ax2.plot(steps, [m["forking/kept_fraction"] for m in metrics], marker=".")
-    ax2.set(title="Tokens receiving policy gradient", xlabel="optimizer step", ylabel="kept fraction of valid tokens", ylim=(0, 1))
+    ax2.set(
+        title="Tokens receiving policy gradient",
+        xlabel="optimizer step",
+        ylabel="kept fraction of valid tokens",
+        ylim=(0, 1),
+    )
     ax2.axhline(0.2, color="gray", linestyle="--", linewidth=1)
     fig.suptitle("forking_trl demo: GRPO on the top-20% entropy tokens (tiny Qwen3, CPU)")
     fig.tight_layout()
@@ -111,7 +119,12 @@ def main():
     base = build_tiny_model(out / "tiny-base", hidden_size=128, num_layers=2, seed=cli.seed)
     sft = warm_start(base, out / "tiny-sft", cli.sft_steps, cli.seed)
 
-    train = Dataset.from_list([{k: r[k] for k in ("prompt", "solution")} for r in synthetic_arithmetic(4096, seed=cli.seed + 2, max_operand=9)])
+    train = Dataset.from_list(
+        [
+            {k: r[k] for k in ("prompt", "solution")}
+            for r in synthetic_arithmetic(4096, seed=cli.seed + 2, max_operand=9)
+        ]
+    )
     args = ForkingGRPOConfig(
         output_dir=str(out / "grpo"),
         forking_mode="top",
@@ -134,7 +147,11 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(sft)
     metrics_path = out / "metrics.jsonl"
     trainer = ForkingGRPOTrainer(
-        str(sft), accuracy_reward, args=args, train_dataset=train, processing_class=tokenizer,
+        str(sft),
+        accuracy_reward,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
         callbacks=[JsonlMetrics(metrics_path)],
     )
     trainer.train()

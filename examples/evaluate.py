@@ -87,7 +87,9 @@ def vllm_generator(model_path, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model path or Hub id")
-    parser.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), help=f"any of {', '.join(BENCHMARKS)}, or files")
+    parser.add_argument(
+        "--benchmarks", nargs="+", default=list(BENCHMARKS), help=f"any of {', '.join(BENCHMARKS)}, or files"
+    )
     parser.add_argument("--k", type=int, default=4, help="samples per problem (avg@k)")
     parser.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
     parser.add_argument("--max_new_tokens", type=int, default=4096)
@@ -96,7 +98,9 @@ def main():
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (transformers)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
-    parser.add_argument("--forking_threshold", type=float, default=None, help="entropy (nats) at or above which a position is a fork")
+    parser.add_argument(
+        "--forking_threshold", type=float, default=None, help="entropy (nats) at or above which a position is a fork"
+    )
     parser.add_argument("--high_temperature", type=float, default=1.0, help="temperature at forking positions")
     parser.add_argument("--low_temperature", type=float, default=1.0, help="temperature elsewhere")
     parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto")
@@ -129,7 +133,13 @@ def main():
         results[name] = {"avg@k": sum(scored) / len(scored) if scored else None, "k": args.k, "problems": len(scored)}
 
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    report = {"model": args.model, "backend": backend, "seconds": round(time.time() - started, 1), "args": vars(args), "results": results}
+    report = {
+        "model": args.model,
+        "backend": backend,
+        "seconds": round(time.time() - started, 1),
+        "args": vars(args),
+        "results": results,
+    }
     Path(args.output).write_text(json.dumps(report, indent=2))
     print(f"\n{'benchmark':<16}{'avg@' + str(args.k):>10}{'problems':>10}")
     for name, r in results.items():

@@ -42,7 +42,9 @@ class MathScriptArguments:
 
     dataset_name: str = field(
         default="BytedTsinghua-SIA/DAPO-Math-17k",
-        metadata={"help": "Hub dataset id, a .jsonl/.json/.parquet file, or a bundled name (aime24, math500, gsm8k, ...)."},
+        metadata={
+            "help": "Hub dataset id, a .jsonl/.json/.parquet file, or a bundled name (aime24, math500, gsm8k, ...)."
+        },
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to train on (Hub datasets)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on a random subset of this size."})

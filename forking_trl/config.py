@@ -119,8 +119,10 @@ class ForkingGRPOConfig(GRPOConfig):
         check_choice("forking_scope", self.forking_scope, SCOPES)
         check_choice("forking_normalizer", self.forking_normalizer, NORMALIZERS)
         self.forking_ratio = float(self.forking_ratio)
-        if isinstance(self.forking_log_top_tokens, bool) or not isinstance(self.forking_log_top_tokens, int) or (
-            self.forking_log_top_tokens < 0
+        if (
+            isinstance(self.forking_log_top_tokens, bool)
+            or not isinstance(self.forking_log_top_tokens, int)
+            or (self.forking_log_top_tokens < 0)
         ):
             raise ValueError(f"forking_log_top_tokens must be an int >= 0; got {self.forking_log_top_tokens!r}.")
         if self.top_entropy_quantile != 1.0:
@@ -161,7 +163,7 @@ class ForkingGRPOConfig(GRPOConfig):
             if f.name.startswith("forking_") and f.name not in promoted.__dict__:
                 setattr(promoted, f.name, f.default)
         if args.top_entropy_quantile < 1.0:
-            if not 0.0 < args.top_entropy_quantile:
+            if args.top_entropy_quantile <= 0.0:
                 raise ValueError(
                     f"top_entropy_quantile={args.top_entropy_quantile} keeps only the single highest-entropy token in "
                     "TRL; forking_ratio must be in (0, 1]. Set top_entropy_quantile in (0, 1]."

@@ -55,16 +55,25 @@ def normalize_example(example: dict, instruction: str | None = DEFAULT_INSTRUCTI
     if isinstance(example.get("reward_model"), dict) and "ground_truth" in example["reward_model"]:  # DAPO
         prompt = example["prompt"]
         text = _user_text(prompt)
-        return {"prompt": _chat(with_instruction(text, instruction)), "solution": str(example["reward_model"]["ground_truth"])}
+        return {
+            "prompt": _chat(with_instruction(text, instruction)),
+            "solution": str(example["reward_model"]["ground_truth"]),
+        }
     if "problem" in example and example.get("answer") not in (None, ""):  # MATH-500, AIME, AMC, ...
         return {"prompt": _chat(with_instruction(example["problem"], instruction)), "solution": str(example["answer"])}
     if "problem" in example and "solution" in example:  # MATH with worked solutions
         gold = last_boxed(example["solution"]) or str(example["solution"])
         return {"prompt": _chat(with_instruction(example["problem"], instruction)), "solution": gold}
     if "question" in example and "answer" in example:  # GSM8K
-        return {"prompt": _chat(with_instruction(example["question"], instruction)), "solution": gsm8k_gold(example["answer"])}
+        return {
+            "prompt": _chat(with_instruction(example["question"], instruction)),
+            "solution": gsm8k_gold(example["answer"]),
+        }
     if "prompt" in example and "solution" in example:
-        return {"prompt": _chat(with_instruction(_user_text(example["prompt"]), instruction)), "solution": str(example["solution"])}
+        return {
+            "prompt": _chat(with_instruction(_user_text(example["prompt"]), instruction)),
+            "solution": str(example["solution"]),
+        }
     raise ValueError(
         f"unrecognised math dataset schema with columns {sorted(example)}; expected one of: prompt+reward_model "
         "(DAPO), problem+answer (MATH/AIME/AMC), problem+solution (MATH), question+answer (GSM8K), prompt+solution."
@@ -106,9 +115,7 @@ def load_math_dataset(
         dataset = load_dataset(source, split=split)
     if limit is not None and limit < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(limit))
-    return dataset.map(
-        normalize_example, fn_kwargs={"instruction": instruction}, remove_columns=dataset.column_names
-    )
+    return dataset.map(normalize_example, fn_kwargs={"instruction": instruction}, remove_columns=dataset.column_names)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`ForkingTemperatureLogitsProcessor`: sample forking (high-entropy) positions at one temperature, the rest at another.
+"""`ForkingTemperatureLogitsProcessor`: sample forking (high-entropy) positions at one temperature, others at another.
 
 The paper's decoding experiment (Beyond the 80/20 Rule, arXiv 2506.01939): a higher temperature on high-entropy
 tokens helps, a lower one hurts; the low-entropy temperature matters far less.

@@ -204,7 +204,9 @@ class MathVerifier:
                     w.send(i, pairs[i])
             now = time.monotonic()
             deadlines = [w.started + (self.timeout if w.ready else self.start_timeout) for w in self._workers]
-            readable, _, _ = select.select([w.process.stdout for w in self._workers], [], [], max(0.0, min(deadlines) - now))
+            readable, _, _ = select.select(
+                [w.process.stdout for w in self._workers], [], [], max(0.0, min(deadlines) - now)
+            )
             for stream in readable:
                 w = next(w for w in self._workers if w.process.stdout is stream)
                 line = stream.readline()

@@ -259,7 +259,7 @@ def _ties_to_keep_here(local_ties: int, need: int, group, device) -> int:
         return min(local_ties, need)
     lower = 0  # ties on the ranks before the boundary rank
     boundary = 0  # the rank whose ties straddle the count; its high byte is fixed first
-    for shift in ((8, 0) if world > _BINS else (0,)):
+    for shift in (8, 0) if world > _BINS else (0,):
         hist = torch.zeros(_BINS, dtype=torch.int64, device=device)
         if rank >> (shift + 8) == boundary >> (shift + 8):  # this rank is still a candidate
             hist[(rank >> shift) & 0xFF] = local_ties

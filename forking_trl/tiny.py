@@ -27,7 +27,9 @@ def tokenizer_corpus(num_lines: int = 3000, seed: int = 0) -> list[str]:
         a, b = rng.randint(0, 99), rng.randint(0, 99)
         op = rng.choice("+-*")
         result = a + b if op == "+" else a - b if op == "-" else a * b
-        lines.append(f"What is {a} {op} {b}? {rng.choice(words)} {a} {op} {b} = {result}. The answer is \\boxed{{{result}}}.")
+        lines.append(
+            f"What is {a} {op} {b}? {rng.choice(words)} {a} {op} {b} = {result}. The answer is \\boxed{{{result}}}."
+        )
     return lines
 
 

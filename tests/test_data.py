@@ -18,7 +18,10 @@ def test_dapo_schema():
 
 def test_math_aime_amc_schema_adds_instruction_once():
     out = normalize_example({"problem": "Find $x$.", "answer": "\\frac{1}{2}"})
-    assert out == {"prompt": [{"role": "user", "content": f"Find $x$.\n{DEFAULT_INSTRUCTION}"}], "solution": "\\frac{1}{2}"}
+    assert out == {
+        "prompt": [{"role": "user", "content": f"Find $x$.\n{DEFAULT_INSTRUCTION}"}],
+        "solution": "\\frac{1}{2}",
+    }
     again = normalize_example({"problem": out["prompt"][0]["content"], "answer": "1"})
     assert again["prompt"][0]["content"].count(DEFAULT_INSTRUCTION) == 1
 

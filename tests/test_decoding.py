@@ -27,6 +27,11 @@ def test_usable_in_generate(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     ids = tok("What is 1 + 1?", return_tensors="pt").input_ids
-    out = model.generate(ids, do_sample=True, max_new_tokens=5, logits_processor=LogitsProcessorList(
-        [ForkingTemperatureLogitsProcessor(1.0, 1.5, 0.7)]), pad_token_id=tok.pad_token_id)
+    out = model.generate(
+        ids,
+        do_sample=True,
+        max_new_tokens=5,
+        logits_processor=LogitsProcessorList([ForkingTemperatureLogitsProcessor(1.0, 1.5, 0.7)]),
+        pad_token_id=tok.pad_token_id,
+    )
     assert out.shape[1] == ids.shape[1] + 5 or out.shape[1] < ids.shape[1] + 5

@@ -68,7 +68,11 @@ def worker(rank: int, world: int, port: int, seed: int):
 
         # every rank draws its own random keys; the kept count is exact over the union
         got = forking_select(
-            values, mask, mode="random", ratio=0.3, group=dist.group.WORLD,
+            values,
+            mask,
+            mode="random",
+            ratio=0.3,
+            group=dist.group.WORLD,
             generator=torch.Generator().manual_seed(seed + rank),
         )
         kept = torch.tensor([got.mask.sum().item()])

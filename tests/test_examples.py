@@ -29,8 +29,16 @@ def test_recipes_parse_with_the_script_parser(recipe):
     assert script_args.reward_funcs and model_args.model_name_or_path
     if "base" in recipe:  # paper-faithful
         assert (training_args.loss_type, training_args.epsilon, training_args.epsilon_high) == ("dapo", 0.2, 0.28)
-        assert (training_args.beta, training_args.num_generations, training_args.max_completion_length) == (0.0, 16, 20480)
-        assert (training_args.learning_rate, training_args.weight_decay, training_args.max_grad_norm) == (1e-6, 0.1, 1.0)
+        assert (training_args.beta, training_args.num_generations, training_args.max_completion_length) == (
+            0.0,
+            16,
+            20480,
+        )
+        assert (training_args.learning_rate, training_args.weight_decay, training_args.max_grad_norm) == (
+            1e-6,
+            0.1,
+            1.0,
+        )
         assert "overlong" in script_args.reward_funcs
 
 
@@ -38,7 +46,14 @@ def test_flags_override_yaml():
     from grpo_math import make_parser
 
     _, training_args, _ = make_parser().parse_args_and_config(
-        ["--config", str(ROOT / "examples/recipes/tiny_cpu.yaml"), "--forking_mode", "bottom", "--forking_ratio", "0.8"]
+        [
+            "--config",
+            str(ROOT / "examples/recipes/tiny_cpu.yaml"),
+            "--forking_mode",
+            "bottom",
+            "--forking_ratio",
+            "0.8",
+        ]
     )
     assert (training_args.forking_mode, training_args.forking_ratio) == ("bottom", 0.8)
 
@@ -57,20 +72,54 @@ def test_accelerate_configs_parse(name):
 
 @pytest.mark.slow
 def test_demo_script_grpo_script_and_evaluate_end_to_end(tmp_path):
-    out = run(["examples/demo.py", "--output_dir", str(tmp_path / "demo"), "--sft_steps", "5", "--grpo_steps", "2"], ROOT)
+    out = run(
+        ["examples/demo.py", "--output_dir", str(tmp_path / "demo"), "--sft_steps", "5", "--grpo_steps", "2"], ROOT
+    )
     assert "forking_trl demo: mean reward" in out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["steps"] == 2 and 0 < summary["kept_fraction_mean"] < 0.5
     assert (tmp_path / "demo" / "training.png").stat().st_size > 10_000
 
     model = str(tmp_path / "demo" / "tiny-sft")
-    run(["examples/grpo_math.py", "--config", "examples/recipes/tiny_cpu.yaml", "--model_name_or_path", model,
-         "--output_dir", str(tmp_path / "grpo"), "--max_steps", "1"], ROOT)
+    run(
+        [
+            "examples/grpo_math.py",
+            "--config",
+            "examples/recipes/tiny_cpu.yaml",
+            "--model_name_or_path",
+            model,
+            "--output_dir",
+            str(tmp_path / "grpo"),
+            "--max_steps",
+            "1",
+        ],
+        ROOT,
+    )
     assert (tmp_path / "grpo" / "model.safetensors").exists()
 
-    table = run(["examples/evaluate.py", "--model", model, "--benchmarks", "aime24", "amc23", "--limit", "2", "--k", "2",
-                 "--max_new_tokens", "8", "--forking_threshold", "0.5", "--high_temperature", "1.2",
-                 "--output", str(tmp_path / "eval.json")], ROOT)
+    table = run(
+        [
+            "examples/evaluate.py",
+            "--model",
+            model,
+            "--benchmarks",
+            "aime24",
+            "amc23",
+            "--limit",
+            "2",
+            "--k",
+            "2",
+            "--max_new_tokens",
+            "8",
+            "--forking_threshold",
+            "0.5",
+            "--high_temperature",
+            "1.2",
+            "--output",
+            str(tmp_path / "eval.json"),
+        ],
+        ROOT,
+    )
     assert "aime24" in table
     report = json.loads((tmp_path / "eval.json").read_text())
     assert set(report["results"]) == {"aime24", "amc23"} and report["results"]["aime24"]["problems"] == 2

@@ -26,7 +26,17 @@ def launch(tmp_path, accelerate_args, script_args, extra_env=None):
 def test_two_processes_share_tau_with_an_all_padding_rank(tiny_model, tmp_path, scope):
     records = launch(
         tmp_path,
-        ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+        [
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ],
         ["--model", tiny_model, "--output_dir", str(tmp_path), "--empty_rank", "1", "--scope", scope],
         {"ACCELERATE_USE_CPU": "true"},  # torchrun-style launch of 2 CPU processes: gloo
     )

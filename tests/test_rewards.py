@@ -81,7 +81,9 @@ def test_format_reward_knows_about_think():
 
 
 def test_registry_names_and_dotted_paths():
-    acc, fmt, overlong = get_reward_funcs(["accuracy", "format", "overlong"], max_completion_length=100, overlong_cache=20)
+    acc, fmt, overlong = get_reward_funcs(
+        ["accuracy", "format", "overlong"], max_completion_length=100, overlong_cache=20
+    )
     assert acc.__name__ == "accuracy_reward" and fmt.__name__ == "format_reward"
     assert overlong([[1] * 90]) == [-0.5]
     (dotted,) = get_reward_funcs(["forking_trl.rewards.format_reward"])

@@ -95,7 +95,9 @@ def test_kl_term_still_reaches_unselected_tokens(make_trainer):
 def test_kept_normalizer_scales_by_valid_over_kept(make_trainer, loss_type):
     kw = dict(loss_type=loss_type, forking_ratio=0.25, forking_selection="exact")
     grad_all, weights, _ = logps_grad(make_trainer(forking_normalizer="all", **kw), fixed_batch(make_trainer(**kw)))
-    grad_kept, weights_kept, _ = logps_grad(make_trainer(forking_normalizer="kept", **kw), fixed_batch(make_trainer(**kw)))
+    grad_kept, weights_kept, _ = logps_grad(
+        make_trainer(forking_normalizer="kept", **kw), fixed_batch(make_trainer(**kw))
+    )
     keep = weights.bool()
     assert torch.equal(keep, weights_kept.bool())
     valid = fixed_batch(make_trainer(**kw))["completion_mask"].bool()
@@ -162,8 +164,16 @@ def test_training_smoke(tiny_model, tmp_path, overrides):
 @pytest.mark.slow
 def test_drop_in_with_plain_grpo_config(tiny_model, tmp_path):
     args = GRPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=12,
-        max_steps=1, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, top_entropy_quantile=0.3,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=12,
+        max_steps=1,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        top_entropy_quantile=0.3,
     )
     trainer = ForkingGRPOTrainer(tiny_model, length_reward, args=args, train_dataset=prompt_dataset())
     assert isinstance(trainer.args, ForkingGRPOConfig)
@@ -172,9 +182,18 @@ def test_drop_in_with_plain_grpo_config(tiny_model, tmp_path):
     trainer.train()
     assert abs(logged(trainer, "forking/kept_fraction")[0] - 0.3) < 0.12
 
-    default = ForkingGRPOTrainer(tiny_model, length_reward, args=GRPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, report_to=[], use_cpu=True,
-    ), train_dataset=prompt_dataset())
+    default = ForkingGRPOTrainer(
+        tiny_model,
+        length_reward,
+        args=GRPOConfig(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=8,
+            num_generations=4,
+            report_to=[],
+            use_cpu=True,
+        ),
+        train_dataset=prompt_dataset(),
+    )
     assert (default.args.forking_mode, default.args.forking_ratio) == ("top", 0.2)
 
 
@@ -184,7 +203,10 @@ def test_lora_trains_only_adapter_weights(tiny_model, tmp_path):
 
     args = trainer_args(tmp_path, learning_rate=5e-2)
     trainer = ForkingGRPOTrainer(
-        tiny_model, length_reward, args=args, train_dataset=prompt_dataset(),
+        tiny_model,
+        length_reward,
+        args=args,
+        train_dataset=prompt_dataset(),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     )
     before = snapshot(trainer.model)

@@ -44,9 +44,19 @@ def main():
     cli = parser.parse_args()
 
     args = ForkingGRPOConfig(
-        output_dir=cli.output_dir, per_device_train_batch_size=4, num_generations=4, max_completion_length=10,
-        max_steps=cli.max_steps, logging_steps=1, learning_rate=1e-2, report_to=[], save_strategy="no", seed=0,
-        forking_scope=cli.scope, disable_tqdm=True, bf16=torch.cuda.is_available(),
+        output_dir=cli.output_dir,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=10,
+        max_steps=cli.max_steps,
+        logging_steps=1,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        forking_scope=cli.scope,
+        disable_tqdm=True,
+        bf16=torch.cuda.is_available(),
     )
     trainer = RecordingTrainer(
         cli.model, length_reward, args=args, train_dataset=prompt_dataset(), empty_rank=cli.empty_rank
@@ -57,7 +67,9 @@ def main():
     record = {
         "world_size": trainer.accelerator.num_processes,
         "thresholds": trainer.thresholds,
-        "kept_fraction": [e["forking/kept_fraction"] for e in trainer.state.log_history if "forking/kept_fraction" in e],
+        "kept_fraction": [
+            e["forking/kept_fraction"] for e in trainer.state.log_history if "forking/kept_fraction" in e
+        ],
         "deepspeed": trainer.is_deepspeed_enabled,
         "params_seen": len(before),
     }
