@@ -39,13 +39,13 @@ def token_entropy(logits: torch.Tensor, chunk_size: int | None = None, temperatu
 
     out = torch.empty(flat.size(0), dtype=torch.float32, device=logits.device)
     for start in range(0, flat.size(0), chunk_size):
-        x = flat[start : start + chunk_size].float()  # (n, V) float32, the only full-width copy alive
+        x = flat[start : start + chunk_size].to(torch.float32, copy=True)  # (n, V) copy 1 of 2; never in place on input
         if temperature != 1.0:
-            x = x / temperature
-        shifted = x - x.amax(dim=-1, keepdim=True)  # (n, V), max 0: exp cannot overflow
-        exp = shifted.exp()
-        sum_exp = exp.sum(dim=-1)  # (n,)
-        # H = log Z - E_p[shifted]; 0 * -inf entries (masked vocabulary) contribute 0, not NaN
-        expected = torch.where(exp > 0, exp * shifted, 0.0).sum(dim=-1) / sum_exp
-        out[start : start + chunk_size] = sum_exp.log() - expected
+            x.div_(temperature)
+        x.sub_(x.amax(dim=-1, keepdim=True))  # shifted, max 0: exp cannot overflow
+        p = x.exp()  # (n, V) copy 2: unnormalised probabilities
+        sum_exp = p.sum(dim=-1)  # (n,)
+        x.clamp_(min=torch.finfo(torch.float32).min)  # -inf (masked vocabulary) -> finite, so 0 * x = 0, not NaN
+        # H = log Z - E_p[shifted]
+        out[start : start + chunk_size] = sum_exp.log() - p.mul_(x).sum(dim=-1) / sum_exp
     return out.view(logits.shape[:-1])

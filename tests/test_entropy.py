@@ -57,3 +57,10 @@ def test_nan_row_gives_nan_and_bad_arguments_raise():
         token_entropy(logits, chunk_size=0)
     with pytest.raises(ValueError, match="temperature"):
         token_entropy(logits, temperature=0.0)
+
+
+def test_input_logits_are_left_untouched():
+    logits = torch.randn(3, 50)
+    before = logits.clone()
+    token_entropy(logits, temperature=0.5)
+    assert torch.equal(logits, before)
