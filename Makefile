@@ -21,3 +21,5 @@ test: .installed
 
 bench: .installed
 	$(PYTHON) benchmarks/bench_selection.py
+	$(PYTHON) benchmarks/bench_entropy.py
+	$(PYTHON) benchmarks/bench_step.py

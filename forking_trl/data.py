@@ -8,8 +8,8 @@ Schemas recognised, by their columns:
 - already normalised: `prompt` (text or chat) + `solution`.
 
 Sources: a local `.jsonl` / `.json` / `.parquet` file, a bundled benchmark name (`aime24`, `aime25`, `amc23`,
-`math500`, `minervamath`, `olympiadbench`, `gsm8k`; files under `data/`, see `data/README.md`), or a Hugging Face
-Hub dataset id (needs network).
+`math500`, `minervamath`, `olympiadbench`, `gsm8k`; shipped in `forking_trl/bundled_data/`, provenance in its
+README), or a Hugging Face Hub dataset id (needs network).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .rewards import last_boxed
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parent / "bundled_data"
 BUNDLED = {
     "aime24": "benchmarks/aime24.jsonl",
     "aime25": "benchmarks/aime25.jsonl",

@@ -17,8 +17,9 @@ Definitions (n = number of valid, finite tokens in the scope; rho = `ratio`):
 
 Exact at any size: tau is found by a radix select over the bits of the float32 values (four rounds of a 256-bin
 histogram), never by sorting or `torch.quantile`. Over a process group each round all-reduces one histogram, so a
-selection communicates about 8 KiB (12 KiB with `exact` ties) whatever the token count or the number of processes,
-and every process gets the same tau. A process with no valid tokens takes part with empty histograms.
+selection communicates about 8 KiB (10 KiB with `exact` ties; 12 KiB above 256 processes) whatever the token
+count or the number of processes, and every process gets the same tau. A process with no valid tokens takes part
+with empty histograms.
 """
 
 from __future__ import annotations

@@ -125,6 +125,21 @@ def test_demo_script_grpo_script_and_evaluate_end_to_end(tmp_path):
     assert set(report["results"]) == {"aime24", "amc23"} and report["results"]["aime24"]["problems"] == 2
 
 
+@pytest.mark.slow
 def test_selection_benchmark_quick_mode():
     out = run(["benchmarks/bench_selection.py", "--quick", "--repeats", "1"], ROOT)
-    assert "100,000" in out and "x" in out.splitlines()[-1]
+    assert "100,000" in out
+    row = out.strip().splitlines()[-1].split()  # processes, total tokens, ours, ours exact, TRL, ratio
+    assert row[0] == "2" and int(row[2].replace(",", "")) <= 16 * 1024 and int(row[3].replace(",", "")) <= 16 * 1024
+
+
+def test_entropy_benchmark_quick_mode():
+    out = run(["benchmarks/bench_entropy.py", "--quick", "--repeats", "1"], ROOT)
+    assert "token_entropy" in out and "naive softmax" in out and "max |difference|" in out
+
+
+@pytest.mark.slow
+def test_step_benchmark_quick_mode():
+    out = run(["benchmarks/bench_step.py", "--quick", "--steps", "2"], ROOT)
+    for variant in ("grpo", "grpo_quantile", "forking", "forking_batch"):
+        assert f"{variant} " in out
