@@ -1,7 +1,8 @@
 """`forking-trl`: see the forking tokens of your own model.
 
     forking-trl analyze --model M --dataset aime24 --num-samples 64 --max-new-tokens 2048 --output-dir out/analyze
-    forking-trl overlap --base M0 --other M1 --dataset math500 --num-samples 64 --max-new-tokens 2048 --output-dir out/overlap
+    forking-trl overlap --base M0 --other M1 --dataset math500 --num-samples 64 --max-new-tokens 2048 \
+        --output-dir out/overlap
 
 Also `python -m forking_trl.cli ...`. `--dataset` takes the bundled benchmark names (aime24, aime25, amc23, math500,
 minervamath, olympiadbench, gsm8k), a .jsonl/.json/.parquet file, or a Hub dataset id, through the same adapters as
@@ -94,7 +95,7 @@ def _prompts(args) -> list:
     from .data import load_math_dataset
 
     data = load_math_dataset(args.dataset, args.split, limit=args.num_samples, seed=args.seed)
-    return [row["prompt"] for row in data.select(range(min(args.num_samples, len(data))))]
+    return list(data["prompt"])  # `limit` already drew a random subset of num_samples
 
 
 def _sample(model_path, model, tokenizer, prompts, args):
