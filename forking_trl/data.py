@@ -50,43 +50,56 @@ def gsm8k_gold(answer: str) -> str:
     return answer.split("####")[-1].strip().replace(",", "")
 
 
-def normalize_example(example: dict, instruction: str | None = DEFAULT_INSTRUCTION) -> dict:
-    """One row of any recognised schema to `{"prompt": [{"role": "user", ...}], "solution": str}`."""
+def normalize_example(example: dict, index: int | None = None, instruction: str | None = DEFAULT_INSTRUCTION) -> dict:
+    """One row of any recognised schema to `{"prompt": [{"role": "user", ...}], "solution": str}`.
+
+    The schema is chosen by the columns present; a row of that schema whose problem or gold is missing (`None`,
+    empty) is a `ValueError` naming the row (`index`, when given) and the field, never a gold of `'None'`.
+    """
+    where = f"row {index}" if index is not None else "a row"
     if isinstance(example.get("reward_model"), dict) and "ground_truth" in example["reward_model"]:  # DAPO
-        prompt = example["prompt"]
-        text = _user_text(prompt)
-        return {
-            "prompt": _chat(with_instruction(text, instruction)),
-            "solution": str(example["reward_model"]["ground_truth"]),
-        }
-    if "problem" in example and example.get("answer") not in (None, ""):  # MATH-500, AIME, AMC, ...
-        return {"prompt": _chat(with_instruction(example["problem"], instruction)), "solution": str(example["answer"])}
-    if "problem" in example and "solution" in example:  # MATH with worked solutions
-        gold = last_boxed(example["solution"]) or str(example["solution"])
-        return {"prompt": _chat(with_instruction(example["problem"], instruction)), "solution": gold}
-    if "question" in example and "answer" in example:  # GSM8K
-        return {
-            "prompt": _chat(with_instruction(example["question"], instruction)),
-            "solution": gsm8k_gold(example["answer"]),
-        }
-    if "prompt" in example and "solution" in example:
-        return {
-            "prompt": _chat(with_instruction(_user_text(example["prompt"]), instruction)),
-            "solution": str(example["solution"]),
-        }
-    raise ValueError(
-        f"unrecognised math dataset schema with columns {sorted(example)}; expected one of: prompt+reward_model "
-        "(DAPO), problem+answer (MATH/AIME/AMC), problem+solution (MATH), question+answer (GSM8K), prompt+solution."
-    )
+        text = _user_text(example.get("prompt"), where, "prompt")
+        gold = _required(example["reward_model"]["ground_truth"], where, "reward_model.ground_truth")
+    elif "problem" in example and ("answer" in example or "solution" in example):  # MATH, MATH-500, AIME, AMC, ...
+        text = _required(example["problem"], where, "problem")
+        if not _missing(example.get("answer")):
+            gold = str(example["answer"])
+        else:  # MATH with worked solutions: the gold is the last box
+            solution = _required(example.get("solution"), where, "answer' or 'solution")
+            gold = last_boxed(solution) or solution
+    elif "question" in example and "answer" in example:  # GSM8K
+        text = _required(example["question"], where, "question")
+        gold = gsm8k_gold(_required(example["answer"], where, "answer"))
+    elif "prompt" in example and "solution" in example:
+        text = _user_text(example["prompt"], where, "prompt")
+        gold = _required(example["solution"], where, "solution")
+    else:
+        raise ValueError(
+            f"unrecognised math dataset schema with columns {sorted(example)}; expected one of: prompt+reward_model "
+            "(DAPO), problem+answer (MATH/AIME/AMC), problem+solution (MATH), question+answer (GSM8K), "
+            "prompt+solution."
+        )
+    return {"prompt": _chat(with_instruction(text, instruction)), "solution": gold}
 
 
-def _user_text(prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m.get("role") == "user"]
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _required(value, where: str, field: str) -> str:
+    """`value` as a string, or a `ValueError` naming the row and the field when it is missing."""
+    if _missing(value):
+        raise ValueError(f"{where}: field '{field}' is missing ({value!r}); fix or drop the row.")
+    return str(value)
+
+
+def _user_text(prompt, where: str = "a row", field: str = "prompt") -> str:
+    if isinstance(prompt, str) or prompt is None:
+        return _required(prompt, where, field)
+    users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
     if not users:
-        raise ValueError("a chat prompt without a user message")
-    return users[-1]
+        raise ValueError(f"{where}: field '{field}' is a chat without a user message")
+    return _required(users[-1], where, f"{field}[user].content")
 
 
 def _chat(text: str) -> list[dict]:
@@ -115,7 +128,12 @@ def load_math_dataset(
         dataset = load_dataset(source, split=split)
     if limit is not None and limit < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(limit))
-    return dataset.map(normalize_example, fn_kwargs={"instruction": instruction}, remove_columns=dataset.column_names)
+    return dataset.map(
+        normalize_example,
+        with_indices=True,
+        fn_kwargs={"instruction": instruction},
+        remove_columns=dataset.column_names,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """Verifiable math rewards with TRL's signature `f(completions, **columns) -> list[float | None]`.
 
 - `accuracy_reward`: 1.0 when the final answer equals the gold `solution` (math-verify, `verify(gold, answer)`),
-  0.0 when not, `None` when the gold itself cannot be parsed (TRL then skips the sample). Bounded time: answers are
-  extracted and checked cheaply in-process when they are plain numbers; anything else goes to worker processes with
-  a deadline, and a worker that overruns (math-verify can hang in C code holding the GIL, where its `signal.alarm`
-  timeouts cannot fire, and those are off outside the main thread anyway) is killed and replaced. Never raises.
+  0.0 when not, `None` when the gold is missing or cannot be parsed (TRL then skips the sample). Bounded time:
+  answers are extracted in one linear pass and checked cheaply in-process when they are plain numbers; anything
+  else goes to worker processes with a deadline, and a worker that overruns (math-verify can hang in C code holding
+  the GIL, where its `signal.alarm` timeouts cannot fire, and those are off outside the main thread anyway) is
+  killed and replaced. Never raises on what a completion holds; safe to use after `os.fork()` (the child starts its own workers).
 - `format_reward`: 1.0 when the answer part of the completion (after `</think>`, if thinking was opened) holds a
   `\\boxed{...}`.
 - `soft_overlong_punishment`: DAPO's soft overlong punishment, TRL's `get_soft_overlong_punishment`.
@@ -18,12 +19,15 @@ import atexit
 import importlib
 import json
 import logging
+import math
+import os
 import re
 import select
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
@@ -32,15 +36,20 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------------------------
 # answer extraction: cheap, bounded, in-process
 
+# Guards for what the workers' deadline cannot bound: the in-process work and the size of what is sent. Expensive
+# but short answers (power towers such as 10^{10^{10^{10}}}) are left to the deadline, so that legitimate answers
+# with many powers (x^5 - x^4 + x^3 - x^2 + x - 1) are still credited.
 MAX_ANSWER_CHARS = 256  # a final answer longer than this is not credited (and never parsed)
-MAX_NESTING = 16  # brackets nested deeper than this: not credited, never parsed
-MAX_POWERS = 3  # more than this many '^' (power towers such as 10^{10^{10^{10}}}): not credited, never parsed
+MAX_NESTING = 16  # brackets nested deeper than this: not credited, never parsed (no real answer nests so deep)
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE = re.compile(r"[{}]")
 _HASHES = re.compile(r"####\s*([^\n]+)")
 _ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-_PLAIN_NUMBER = re.compile(r"^\s*-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?\s*$")
+# a number: commas only as thousands separators (1,234), so a list such as 1,2 is never read as 12
+_DIGITS = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+"
+_NUMBER = re.compile(rf"-?(?:{_DIGITS})(?:/\d+)?")
+_PLAIN_NUMBER = re.compile(rf"^\s*-?(?:{_DIGITS})(?:\s*/\s*\d+)?\s*$")
 
 
 def completion_text(completion) -> str:
@@ -60,13 +69,25 @@ def completion_text(completion) -> str:
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or None."""
-    for match in reversed(list(_BOXED.finditer(text))):
-        depth, start = 1, match.end()
-        for i in range(start, min(len(text), start + 4 * MAX_ANSWER_CHARS)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            if depth == 0:
-                return text[start:i]
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or None.
+
+    Linear in the text: one pass pairs every brace, then the boxes are tried from the last. A box whose content is
+    longer than `4 * MAX_ANSWER_CHARS` counts as unclosed.
+    """
+    opens = [match.end() - 1 for match in _BOXED.finditer(text)]  # index of each box's "{"
+    if not opens:
+        return None
+    closing: dict[int, int] = {}  # "{" index -> index of its matching "}"
+    stack: list[int] = []
+    for brace in _BRACE.finditer(text):
+        if brace.group() == "{":
+            stack.append(brace.start())
+        elif stack:
+            closing[stack.pop()] = brace.start()
+    for start in reversed(opens):
+        end = closing.get(start)
+        if end is not None and end - start - 1 <= 4 * MAX_ANSWER_CHARS:
+            return text[start + 1 : end]
     return None
 
 
@@ -93,7 +114,7 @@ def answer_part(text: str) -> str:
 
 
 def _too_hostile(answer: str) -> bool:
-    if len(answer) > MAX_ANSWER_CHARS or answer.count("^") > MAX_POWERS or "**" in answer:
+    if len(answer) > MAX_ANSWER_CHARS:
         return True
     depth = deepest = 0
     for ch in answer:
@@ -103,6 +124,10 @@ def _too_hostile(answer: str) -> bool:
         elif ch in ")]}":
             depth -= 1
     return deepest > MAX_NESTING
+
+
+def _missing(gold) -> bool:
+    return gold is None or (isinstance(gold, float) and math.isnan(gold))
 
 
 def _as_number(s: str) -> Fraction | None:
@@ -178,6 +203,13 @@ class MathVerifier:
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
         self.num_killed = 0
+        _VERIFIERS.add(self)
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child: a fresh lock (another thread may have held it at the fork) and no workers (they
+        belong to the parent: the child must neither talk to them nor kill them at exit)."""
+        self._lock = threading.Lock()
+        self._workers = []
 
     def check(self, pairs: list[tuple[str, str]]) -> list[float | None]:
         """`(gold, answer)` pairs to rewards: 1.0, 0.0, or None where the gold does not parse."""
@@ -244,6 +276,15 @@ class MathVerifier:
 
 
 _VERIFIER: MathVerifier | None = None
+_VERIFIERS: weakref.WeakSet[MathVerifier] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for verifier in list(_VERIFIERS):
+        verifier._forget_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def default_verifier() -> MathVerifier:
@@ -263,12 +304,21 @@ def accuracy_reward(completions: list, solution: list[str], **kwargs) -> list[fl
 
     The final answer is the last `\\boxed{...}`, else `#### N`, else `Answer: ...`, else the last number. Plain
     numbers are compared exactly in-process; anything else is checked by math-verify in worker processes, each
-    item within 5 seconds (overrunning items score 0.0). Never raises.
+    item within 5 seconds (overrunning items score 0.0). A missing gold (`None`, NaN) gives `None`. Never raises on
+    what a completion or gold holds; a `ValueError` when the number of solutions differs from the completions'.
     """
+    if len(completions) != len(solution):
+        raise ValueError(
+            f"accuracy_reward got {len(completions)} completions but {len(solution)} solutions; TRL passes one "
+            "`solution` per completion: check that the dataset has a `solution` column."
+        )
     rewards: list[float | None] = [0.0] * len(completions)
     to_verify: list[tuple[int, str, str]] = []
     for i, (completion, gold) in enumerate(zip(completions, solution)):
         try:
+            if _missing(gold):  # no gold: TRL skips the sample (never compare with the string 'None')
+                rewards[i] = None
+                continue
             gold = str(gold).strip()
             gold = last_boxed(gold) or gold  # golds given as a worked solution with a box
             answer = extract_answer(completion_text(completion))

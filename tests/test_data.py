@@ -50,3 +50,30 @@ def test_local_jsonl_and_bundled(tmp_path):
 def test_synthetic_arithmetic_is_consistent():
     for row in synthetic_arithmetic(50, seed=1):
         assert row["completion"].endswith(f"\\boxed{{{row['solution']}}}.")
+
+
+@pytest.mark.parametrize(
+    "row, field",
+    [
+        ({"problem": "Find x.", "answer": None}, "'answer' or 'solution'"),
+        ({"problem": None, "answer": "3"}, "'problem'"),
+        ({"problem": "Find x.", "answer": None, "solution": None}, "'answer' or 'solution'"),
+        ({"question": "How many?", "answer": None}, "'answer'"),
+        ({"prompt": "What?", "solution": None}, "'solution'"),
+        (
+            {"prompt": [{"role": "user", "content": "q"}], "reward_model": {"ground_truth": None}},
+            "'reward_model.ground_truth'",
+        ),
+    ],
+)
+def test_missing_problem_or_gold_names_the_row_and_field(row, field):
+    with pytest.raises(ValueError, match=f"row 7: field {field}"):
+        normalize_example(row, 7)
+
+
+def test_load_names_the_bad_row(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    rows = [{"problem": "p0", "answer": "1"}, {"problem": "p1", "answer": None}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match="row 1: field 'answer' or 'solution'"):
+        load_math_dataset(str(path))

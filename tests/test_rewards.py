@@ -90,3 +90,114 @@ def test_registry_names_and_dotted_paths():
     assert dotted is fmt
     with pytest.raises(ValueError, match="unknown reward function 'acc'"):
         get_reward_funcs(["acc"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hardening (issue 10): each case below failed before its fix
+
+
+@pytest.mark.parametrize(
+    "completion, gold, expected",
+    [
+        ("\\boxed{1,2}", "12", 0.0),  # a list is not a number
+        ("\\boxed{0,5}", "5", 0.0),
+        ("the values are 1,2", "12", 0.0),  # the last number is 2, not 12
+        ("\\boxed{1,234}", "1234", 1.0),  # thousands separators stay credited
+        ("Answer: 12,345,678", "12345678", 1.0),
+        ("so we get 1,234", "1234", 1.0),
+    ],
+)
+def test_commas_are_thousands_separators_only(completion, gold, expected):
+    assert accuracy_reward([completion], [gold]) == [expected]
+
+
+def _within(seconds: float, fn):
+    """Run fn in a thread; its result, or a failure if it did not finish in time (a hang guard, not a timing)."""
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    assert not thread.is_alive(), f"did not finish within {seconds} s"
+    return out[0]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\\boxed{" * 150_000,  # ~1 MB of unclosed boxes: 45 s in accuracy_reward before (a rescan per box)
+        ("\\boxed{" + "{" * 8) * 70_000,
+        "\\boxed{x} " + "\\boxed{" + "a" * 1_000_000,
+    ],
+)
+def test_extraction_is_linear_on_a_megabyte_of_unclosed_boxes(text):
+    assert _within(15, lambda: format_reward([text])) == [1.0 if text.startswith("\\boxed{x}") else 0.0]
+    expected = [1.0] if text.startswith("\\boxed{x}") else [0.0]
+    assert _within(15, lambda: accuracy_reward([text], ["x"])) == expected
+
+
+def test_last_boxed_pairs_braces_like_a_scan():
+    from forking_trl.rewards import last_boxed
+
+    assert last_boxed("a } \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
+    assert last_boxed("\\boxed{1} and \\boxed{2") == "1"  # the last box is unclosed: the one before it
+    assert last_boxed("{ \\boxed {x}") == "x"
+    assert last_boxed("\\boxed{" + "a" * 2000 + "}") is None  # longer than 4 * MAX_ANSWER_CHARS: unclosed
+    assert last_boxed("no box") is None
+
+
+def test_missing_gold_is_skipped_not_matched_with_none():
+    assert accuracy_reward(["\\boxed{None}", "\\boxed{nan}", "\\boxed{4}"], [None, float("nan"), "4"]) == [
+        None,
+        None,
+        1.0,
+    ]
+
+
+def test_every_bundled_gold_is_credited_against_itself():
+    from forking_trl.data import BUNDLED, load_math_dataset
+
+    golds = [gold for name in BUNDLED for gold in load_math_dataset(name)["solution"]]
+    assert len(golds) > 1500
+    rewards = accuracy_reward([f"so \\boxed{{{g}}}" for g in golds], golds)
+    refused = [g for g, r in zip(golds, rewards) if r != 1.0]
+    assert not refused  # 8 golds such as 'x^5 - x^4 + x^3 - x^2 + x - 1' were refused by a power-tower guard
+
+
+def test_length_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="3 completions but 1 solutions"):
+        accuracy_reward(["\\boxed{1}"] * 3, ["1"])
+
+
+def test_fork_while_another_thread_grades_does_not_hang_the_child():
+    import os
+
+    from forking_trl import rewards
+
+    accuracy_reward(["\\boxed{\\frac{1}{2}}"], ["0.5"])  # workers up
+    slow = threading.Thread(target=accuracy_reward, args=(["\\boxed{10^{10^{10^{10}}}}"], ["5"]), daemon=True)
+    slow.start()  # holds the verifier's lock until its item's deadline
+    deadline = time.monotonic() + 10
+    while not rewards.default_verifier()._lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rewards.default_verifier()._lock.locked()
+    parent_workers = [w.process.pid for w in rewards.default_verifier()._workers]
+    pid = os.fork()
+    if pid == 0:  # the child: grade something that needs math-verify, then report through the exit status
+        try:
+            ok = accuracy_reward(["\\boxed{\\frac{1}{2}}"], ["0.5"]) == [1.0]
+        finally:
+            os._exit(0 if ok else 3)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on the verifier's lock")
+    assert os.waitstatus_to_exitcode(status) == 0
+    slow.join(timeout=30)
+    for worker_pid in parent_workers:  # the child's exit did not kill the parent's workers
+        os.kill(worker_pid, 0)
