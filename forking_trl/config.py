@@ -64,6 +64,13 @@ class ForkingGRPOConfig(GRPOConfig):
         forking_log_top_tokens (`int`, *optional*, defaults to `10`):
             At each logging step, print the this many most frequent kept tokens of the logging window (decoded), and
             log them as a table with `report_to="wandb"`. Counting token ids only, no extra forward. `0` disables it.
+        forking_kept_entropy_bonus (`bool`, *optional*, defaults to `False`):
+            Accept that TRL's entropy bonus (`entropy_coef`, `use_adaptive_entropy`) acts on the kept tokens only.
+            TRL applies the bonus, and the adaptive controller measures the entropy, over the same tokens as the
+            policy gradient; with any `forking_mode` but `"all"` those are the selected tokens (with `"bottom"`, the
+            bonus raises the entropy of the low-entropy tokens alone, and the adaptive `entropy_target` is compared
+            with the kept tokens' entropy, not all tokens'). Required, as an explicit choice, to combine the bonus with
+            a forking mode other than `"all"`; the paper trains without a bonus.
     """
 
     forking_mode: str = field(
@@ -109,6 +116,15 @@ class ForkingGRPOConfig(GRPOConfig):
         metadata={"help": "Most frequent kept tokens printed (and logged to wandb) at each logging step; 0: off."},
     )
 
+    forking_kept_entropy_bonus: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept that TRL's entropy bonus (entropy_coef, use_adaptive_entropy) acts on the kept tokens "
+            "only (and the adaptive controller measures their entropy). Required to combine the bonus with a "
+            "forking_mode other than 'all'."
+        },
+    )
+
     def __post_init__(self):
         self._check_forking_fields()
         super().__post_init__()
@@ -138,12 +154,29 @@ class ForkingGRPOConfig(GRPOConfig):
                 "token's loss does not remove its gradient. Use importance_sampling_level='token' or "
                 "forking_mode='all'."
             )
+        if not isinstance(self.forking_kept_entropy_bonus, bool):
+            raise ValueError(
+                f"forking_kept_entropy_bonus must be True or False; got {self.forking_kept_entropy_bonus!r}."
+            )
+        entropy_bonus = self.entropy_coef != 0.0 or self.use_adaptive_entropy
+        if entropy_bonus and self.forking_mode != "all" and not self.forking_kept_entropy_bonus:
+            raise ValueError(
+                f"entropy_coef={self.entropy_coef}, use_adaptive_entropy={self.use_adaptive_entropy}: TRL applies its "
+                f"entropy bonus to the same tokens as the policy gradient, so with forking_mode={self.forking_mode!r} "
+                "it acts on the kept tokens only (with 'bottom': raising the entropy of the low-entropy tokens alone), "
+                "and the adaptive controller measures the kept tokens' entropy. Set forking_kept_entropy_bonus=True (a "
+                "ForkingGRPOConfig field) to train so, or turn the bonus off (entropy_coef=0.0, use_adaptive_entropy=False; the paper uses none)."
+            )
         if self.forking_normalizer == "kept" and self.loss_type in CONSTANT_NORMALIZER_LOSSES:
             raise ValueError(
                 f"forking_normalizer='kept' replaces the token count in the loss's denominator, but "
                 f"loss_type={self.loss_type!r} divides by a constant. Use forking_normalizer='all', or a loss_type "
                 f"among {_choices(SEQUENCE_MEAN_LOSSES + TOKEN_MEAN_LOSSES)}."
             )
+
+    def forking_fields(self) -> dict:
+        """The forking fields and their values (recorded in checkpoints, compared on resume)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith("forking_")}
 
     @classmethod
     def from_grpo_config(cls, args: GRPOConfig, **forking_fields) -> ForkingGRPOConfig:

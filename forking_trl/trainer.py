@@ -14,6 +14,9 @@ Thin glue over TRL's narrowest hooks (`trl>=1.16,<1.17`; `tests/test_trl_contrac
   when TRL makes none), the selection is made once, and its mask rides with the inputs through TRL's shuffle and
   split into micro-batches.
 
+- `_save_rng_state(output_dir)` and `train(resume_from_checkpoint)`: the forking fields and the random mode's
+  generator are saved beside TRL's RNG states in each checkpoint, and checked and restored on resume.
+
 The entropies are TRL's: from the fused LM head, at the sampling temperature, of the current policy; no second pass
 over the logits.
 """
@@ -21,18 +24,23 @@ over the logits.
 from __future__ import annotations
 
 import collections
+import json
 import logging
+import os
 import textwrap
 
 import torch
 import torch.distributed as dist
 from trl import GRPOConfig, GRPOTrainer
+from transformers.trainer_utils import get_last_checkpoint
 from trl.models.utils import disable_gradient_checkpointing
 
 from .config import SEQUENCE_MEAN_LOSSES, ForkingGRPOConfig
 from .selection import ForkingSelection, forking_select
 
 logger = logging.getLogger(__name__)
+
+FORKING_STATE_NAME = "forking_state.json"  # in each checkpoint: the forking fields of the run that saved it
 
 
 class ForkingGRPOTrainer(GRPOTrainer):
@@ -43,7 +51,13 @@ class ForkingGRPOTrainer(GRPOTrainer):
     `top_entropy_quantile < 1` becomes `forking_ratio`.
 
     Metrics (averaged by TRL's `log`): `forking/threshold`, `forking/kept_fraction`, `forking/entropy_kept`,
-    `forking/entropy_dropped`, and `forking/nonfinite_tokens` when a valid token's entropy was NaN or inf.
+    `forking/entropy_dropped`, and `forking/nonfinite_tokens` when a valid token's entropy was NaN or inf. TRL's
+    own `entropy` metric stays the mean over all valid tokens. TRL's entropy bonus (`entropy_coef`,
+    `use_adaptive_entropy`, logged as `entropy_coef`) acts on the kept tokens only, and its adaptive controller
+    measures their entropy; the config refuses the combination unless `forking_kept_entropy_bonus=True`.
+
+    Checkpoints also hold `forking_state.json` (the forking fields) and the random mode's generator; resuming with
+    a forking field changed logs a warning naming it.
     """
 
     _tag_names = ["trl", "grpo", "forking-trl", "forking-tokens"]
@@ -62,12 +76,12 @@ class ForkingGRPOTrainer(GRPOTrainer):
             }"""),
     }
 
-    def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, *pos_args, **kwargs):
+    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos_args, **kwargs):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = ForkingGRPOConfig(f"{name.split('/')[-1]}-ForkingGRPO")
-        elif not isinstance(args, ForkingGRPOConfig):
-            args = ForkingGRPOConfig.from_grpo_config(args)
+        args = ForkingGRPOConfig.from_grpo_config(args)
+        args._check_forking_fields()  # again: fields may have been set after the config was built
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
 
         # TRL applies `get_high_entropy_mask` only when this is below 1; our hook reads the forking_* fields instead.
@@ -145,6 +159,56 @@ class ForkingGRPOTrainer(GRPOTrainer):
             self._forking_captured = entropies.detach().float()
             entropies = entropies if compute_entropy else None
         return logps, entropies, aux_loss
+
+    # ------------------------------------------------------------------------------------------------------------
+    # checkpoints: the forking fields and the random mode's generator travel with the checkpoint
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)  # makes output_dir on every process
+        if self.args.should_save:
+            with open(os.path.join(output_dir, FORKING_STATE_NAME), "w") as f:
+                json.dump(self.args.forking_fields(), f, indent=2)
+        torch.save(self._forking_generator.get_state(), self._generator_file(output_dir))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:  # as Trainer.train: the last checkpoint in output_dir (Trainer raises if none)
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str):
+            self._restore_forking_state(checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _restore_forking_state(self, checkpoint: str) -> None:
+        """Warn about each forking field that differs from the checkpoint's run; restore the generator."""
+        path = os.path.join(checkpoint, FORKING_STATE_NAME)
+        if not os.path.isfile(path):
+            logger.warning(
+                "forking_trl: %s has no %s (saved by another trainer or an older forking_trl); the forking fields "
+                "of the run it comes from are unknown and were not checked.",
+                checkpoint,
+                FORKING_STATE_NAME,
+            )
+        else:
+            with open(path) as f:
+                saved = json.load(f)
+            now = self.args.forking_fields()
+            for name in sorted(set(saved) | set(now)):
+                if saved.get(name, "<absent>") != now.get(name, "<absent>"):
+                    logger.warning(
+                        "forking_trl: resuming from %s with %s=%r, but the run that saved it used %s=%r: the "
+                        "training after the checkpoint differs from the training before it.",
+                        checkpoint,
+                        name,
+                        now.get(name, "<absent>"),
+                        name,
+                        saved.get(name, "<absent>"),
+                    )
+        generator_file = self._generator_file(checkpoint)
+        if os.path.isfile(generator_file):
+            self._forking_generator.set_state(torch.load(generator_file, weights_only=True))
+
+    def _generator_file(self, directory: str) -> str:
+        return os.path.join(directory, f"forking_generator_{self.accelerator.process_index}.pth")
 
     # ------------------------------------------------------------------------------------------------------------
     # helpers
@@ -245,9 +309,11 @@ class ForkingGRPOTrainer(GRPOTrainer):
             metrics["forking/nonfinite_tokens"].append(float(selection.num_nonfinite))
             if not self._forking_warned_nonfinite:
                 logger.warning(
-                    "forking_trl: %d valid completion tokens had a NaN or inf entropy; they were excluded from the "
-                    "selection and receive no policy gradient (logged as forking/nonfinite_tokens). NaN entropies "
-                    "usually mean NaN logits: check the learning rate and the dtype.",
+                    "forking_trl: %d valid completion tokens had a NaN or inf entropy (logged as "
+                    "forking/nonfinite_tokens). They were left out of the selection, so the threshold and the kept "
+                    "share are those of the finite tokens; but a NaN entropy comes from NaN logits, whose log-probs "
+                    "are NaN as well, and a NaN times a zero weight is still NaN: this micro-batch's loss and "
+                    "gradients are NaN whatever is selected. Check the learning rate, the dtype and the data.",
                     selection.num_nonfinite,
                 )
                 self._forking_warned_nonfinite = True

@@ -82,3 +82,21 @@ def test_cli_flags_parse_and_choices_are_enforced():
     assert (args.forking_mode, args.forking_ratio) == ("bottom", 0.8)
     with pytest.raises(SystemExit):
         TrlParser(ForkingGRPOConfig).parse_args_and_config(["--output_dir", "/tmp/x", "--forking_mode", "middle"])
+
+
+@pytest.mark.parametrize("bonus", [dict(entropy_coef=0.01), dict(use_adaptive_entropy=True)])
+@pytest.mark.parametrize("mode", ["top", "bottom", "random"])
+def test_entropy_bonus_over_kept_tokens_is_an_explicit_choice(bonus, mode):
+    with pytest.raises(ValueError, match="forking_kept_entropy_bonus=True") as err:
+        ForkingGRPOConfig(**COMMON, forking_mode=mode, **bonus)
+    assert "kept tokens only" in str(err.value)
+    chosen = ForkingGRPOConfig(**COMMON, forking_mode=mode, forking_kept_entropy_bonus=True, **bonus)
+    assert chosen.forking_kept_entropy_bonus
+    ForkingGRPOConfig(**COMMON, forking_mode="all", **bonus)  # all tokens: the bonus is TRL's own
+
+
+def test_forking_fields_lists_every_forking_field():
+    args = ForkingGRPOConfig(**COMMON, forking_mode="bottom", forking_ratio=0.8)
+    recorded = args.forking_fields()
+    assert recorded["forking_mode"] == "bottom" and recorded["forking_ratio"] == 0.8
+    assert all(name.startswith("forking_") for name in recorded) and "forking_scope" in recorded

@@ -240,3 +240,75 @@ def test_kept_token_counter_on_a_known_batch(make_trainer):
     trainer._count_kept_tokens(keep, ids)
     assert trainer._kept_token_counts == {wait: 3, so: 1, 7: 2}
     assert trainer.top_kept_tokens() == [("W", 3), (tokenizer.decode([7]), 2)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hardening (issue 10): each failed before its fix
+
+
+def test_reward_funcs_is_optional_as_in_trl(tiny_model, tmp_path):
+    # TRL 1.16: rewards may come from an environment instead; with neither, TRL's own error
+    with pytest.raises(ValueError, match="No reward source provided"):
+        ForkingGRPOTrainer(tiny_model, args=trainer_args(tmp_path), train_dataset=prompt_dataset())
+
+
+@pytest.mark.parametrize(
+    "field, value", [("forking_mode", "tpo"), ("forking_ratio", 0.0), ("forking_scope", "global")]
+)
+def test_fields_changed_after_the_config_are_validated_when_the_trainer_is_built(tiny_model, tmp_path, field, value):
+    args = trainer_args(tmp_path)
+    setattr(args, field, value)
+    with pytest.raises(ValueError, match=field):
+        ForkingGRPOTrainer(tiny_model, length_reward, args=args, train_dataset=prompt_dataset())
+
+
+def test_nonfinite_warning_says_the_loss_is_nan(make_trainer, caplog):
+    trainer = make_trainer()
+    trainer.model.train()
+    entropies = torch.tensor([[0.5, float("nan"), 1.0, 2.0]])
+    mask = torch.ones(1, 4, dtype=torch.long)
+    with caplog.at_level("WARNING", logger="forking_trl.trainer"):
+        trainer._select_and_record(entropies, mask, None)
+    assert "forking/nonfinite_tokens" in caplog.text and "loss and gradients are NaN" in caplog.text
+    assert "receive no policy gradient" not in caplog.text
+
+
+@pytest.mark.slow
+def test_resume_records_fields_warns_on_change_and_restores_the_generator(tiny_model, tmp_path, caplog):
+    import json
+    import os
+
+    args = trainer_args(tmp_path, forking_mode="random", save_strategy="steps", save_steps=1, max_steps=2)
+    trainer = ForkingGRPOTrainer(tiny_model, length_reward, args=args, train_dataset=prompt_dataset())
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-1"
+    saved = json.loads((checkpoint / "forking_state.json").read_text())
+    assert saved["forking_mode"] == "random" and saved["forking_ratio"] == 0.2
+    generator_state = torch.load(checkpoint / "forking_generator_0.pth")
+
+    # the same fields: no warning; the generator is the checkpoint's when training resumes
+    resumed = ForkingGRPOTrainer(tiny_model, length_reward, args=args, train_dataset=prompt_dataset())
+    with caplog.at_level("WARNING", logger="forking_trl.trainer"):
+        resumed._restore_forking_state(str(checkpoint))
+    assert "forking_trl" not in caplog.text
+    assert torch.equal(resumed._forking_generator.get_state(), generator_state)
+
+    # other fields: one warning naming each changed field, and training goes on
+    changed_args = trainer_args(
+        tmp_path, forking_mode="bottom", forking_ratio=0.8, save_strategy="steps", save_steps=1, max_steps=2
+    )
+    other = ForkingGRPOTrainer(tiny_model, length_reward, args=changed_args, train_dataset=prompt_dataset())
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="forking_trl.trainer"):
+        other.train(resume_from_checkpoint=str(checkpoint))
+    warnings = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
+    assert len(warnings) == 2
+    assert any("forking_mode='bottom'" in w and "forking_mode='random'" in w for w in warnings)
+    assert any("forking_ratio=0.8" in w and "forking_ratio=0.2" in w for w in warnings)
+    assert other.state.global_step == 2
+
+    os.remove(checkpoint / "forking_state.json")  # a checkpoint from elsewhere: said once, not silently
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="forking_trl.trainer"):
+        other._restore_forking_state(str(checkpoint))
+    assert "were not checked" in caplog.text

@@ -72,3 +72,20 @@ def test_fused_head_returns_entropy_at_the_sampling_temperature():
 def test_log_and_metrics_store():
     assert list(inspect.signature(GRPOTrainer.log).parameters) == ["self", "logs", "start_time"]
     assert "self._metrics[mode].items()" in source(GRPOTrainer.log)
+
+
+def test_checkpoint_hooks():
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._save_rng_state).parameters) == ["self", "output_dir"]
+    assert "self._save_rng_state(output_dir)" in source(Trainer._save_checkpoint)
+    assert list(inspect.signature(Trainer.train).parameters)[:2] == ["self", "resume_from_checkpoint"]
+    assert "get_last_checkpoint(args.output_dir)" in source(Trainer.train)
+
+
+def test_reward_funcs_is_optional_and_the_entropy_bonus_uses_the_hooks_mask():
+    assert inspect.signature(GRPOTrainer.__init__).parameters["reward_funcs"].default is None
+    # documented in ForkingGRPOConfig.forking_kept_entropy_bonus: the bonus acts on the tokens the hook keeps
+    assert "effective_mask = mask if entropy_mask is None else mask * entropy_mask" in source(
+        GRPOTrainer._compute_loss
+    )
