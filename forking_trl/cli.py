@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     overlap.add_argument("--base", required=True, help="the model that generates (e.g. before RL)")
     overlap.add_argument("--other", required=True, help="the model compared with it (e.g. after RL)")
     _common(overlap)
+    # `forking-trl --help` shows every subcommand's flags too, not only their names
+    parser.epilog = "\n\n".join(sub.choices[name].format_help() for name in ("analyze", "overlap"))
     return parser
 
 
@@ -95,7 +97,29 @@ def _prompts(args) -> list:
     from .data import load_math_dataset
 
     data = load_math_dataset(args.dataset, args.split, limit=args.num_samples, seed=args.seed)
+    if len(data) < args.num_samples:
+        raise SystemExit(
+            f"--num-samples {args.num_samples} exceeds the {len(data)} problems of {args.dataset!r}; "
+            f"use --num-samples {len(data)} (all of them) or fewer."
+        )
     return list(data["prompt"])  # `limit` already drew a random subset of num_samples
+
+
+def _check_lengths(model, tokenizer, prompts: list, args) -> None:
+    """The longest prompt plus --max-new-tokens must fit the model's positions (else only a transformers warning)."""
+    from .analysis import _prompt_texts
+
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    longest = max(
+        len(tokenizer(text, add_special_tokens=False).input_ids) for text in _prompt_texts(tokenizer, prompts)
+    )
+    if longest + args.max_new_tokens > limit:
+        raise SystemExit(
+            f"--max-new-tokens {args.max_new_tokens} plus the longest prompt ({longest} tokens) exceeds the model's "
+            f"{limit} positions (max_position_embeddings); use --max-new-tokens {max(limit - longest, 0)} or fewer."
+        )
 
 
 def _sample(model_path, model, tokenizer, prompts, args):
@@ -146,8 +170,10 @@ def run_analyze(args) -> dict:
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    prompts = _prompts(args)
     model, tokenizer = _load(args.model, args)
-    samples = _sample(args.model, model, tokenizer, _prompts(args), args)
+    _check_lengths(model, tokenizer, prompts, args)
+    samples = _sample(args.model, model, tokenizer, prompts, args)
     scored = _score(model, tokenizer, samples, args, "scoring entropy")
     summary = {
         "model": args.model,
@@ -176,8 +202,10 @@ def run_overlap(args) -> dict:
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    prompts = _prompts(args)
     base, tokenizer = _load(args.base, args)
-    samples = _sample(args.base, base, tokenizer, _prompts(args), args)
+    _check_lengths(base, tokenizer, prompts, args)
+    samples = _sample(args.base, base, tokenizer, prompts, args)
     scored_base = _score(base, tokenizer, samples, args, f"scoring {Path(args.base).name}")
     del base
     other, _ = _load(args.other, args)

@@ -91,3 +91,29 @@ def test_module_entry_point_help():
         [sys.executable, "-m", "forking_trl.cli", "analyze", "--help"], capture_output=True, text=True
     )
     assert done.returncode == 0 and "--max-new-tokens" in done.stdout
+
+
+def test_top_level_help_shows_every_subcommands_flags():
+    done = subprocess.run([sys.executable, "-m", "forking_trl.cli", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    for flag in ("--model", "--base", "--other", "--num-samples", "--max-new-tokens", "--html-completions"):
+        assert flag in done.stdout, flag
+
+
+def test_more_samples_than_problems_is_an_error(tiny_model, tmp_path):
+    with pytest.raises(SystemExit, match="--num-samples 64 exceeds the 30 problems of 'aime24'"):
+        main(
+            ["analyze", "--model", tiny_model, "--dataset", "aime24", "--num-samples", "64"]
+            + ["--output-dir", str(tmp_path)]
+        )
+
+
+def test_max_new_tokens_beyond_the_positions_is_an_error(tiny_model, tmp_path):
+    from transformers import AutoConfig
+
+    limit = AutoConfig.from_pretrained(tiny_model).max_position_embeddings
+    argv = ["--dataset", "aime24", "--num-samples", "2", "--max-new-tokens", str(limit), "--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="max_position_embeddings"):
+        main(["analyze", "--model", tiny_model, *argv])
+    with pytest.raises(SystemExit, match="--max-new-tokens"):
+        main(["overlap", "--base", tiny_model, "--other", tiny_model, *argv])
