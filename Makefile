@@ -1,25 +1,68 @@
 # forking_trl: `make demo` (offline demo on a tiny model) and `make test` work on a fresh machine.
+#
+# Everything runs in a virtual environment: the active one ($VIRTUAL_ENV) if there is one, else ./.venv, made here
+# from $(PYTHON). So the commands work under an "externally managed" system Python (PEP 668) too. The install
+# stamp lives inside that environment and records the checkout and the interpreter, so switching either reinstalls.
+#   make test PYTHON=python3.12            build .venv from another interpreter (an old .venv is rebuilt)
+#   make test TORCH_INDEX=<index url>      take torch from another index, e.g. PyTorch's CPU-only wheels
 PYTHON ?= python3
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
+ifneq ($(strip $(VIRTUAL_ENV)),)
+VENV := $(VIRTUAL_ENV)
+OWN_VENV :=
+else
+VENV := $(CURDIR)/.venv
+OWN_VENV := 1
+endif
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.forking-trl-installed
+
+# what the stamp must say: this checkout, the environment's interpreter, and (for .venv) the interpreter it was built from
+BASE_ID := $(if $(OWN_VENV),$(shell $(PYTHON) -c 'import sys; print(sys.executable, *sys.version_info[:3])' 2>/dev/null))
+STAMP_ID := $(CURDIR) | $(BASE_ID)
+ifneq ($(wildcard $(STAMP)),)
+ifneq ($(shell cat $(STAMP)),$(STAMP_ID))
+$(info forking_trl: the environment $(VENV) was set up for another checkout or interpreter; setting it up again)
+$(shell rm -f $(STAMP))
+ifneq ($(OWN_VENV),)
+$(shell rm -rf $(VENV))
+endif
+endif
+endif
+
 .PHONY: install demo test bench
 
-install: .installed
+install: $(STAMP)
 
-# torch is installed first, pinned, only where it is missing (a bare `torch` requirement can pull a CUDA build)
-.installed: setup.cfg pyproject.toml
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[dev]"
-	touch .installed
+$(PY):
+	@$(PYTHON) -c 'import sys' 2>/dev/null || { echo "forking_trl: '$(PYTHON)' was not found; pass PYTHON=/path/to/python3 (3.10 or newer)."; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { echo "forking_trl: $(PYTHON) is older than Python 3.10; pass PYTHON=python3.10 (or newer)."; exit 1; }
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
+	  v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	  echo "forking_trl: $(PYTHON) cannot create a virtual environment (the venv/ensurepip modules are missing)."; \
+	  echo "  On Debian/Ubuntu: sudo apt install python$$v-venv   (then run make again)"; \
+	  echo "  Or activate a virtual environment of your own first; make uses the active one."; exit 1; }
+	@echo "forking_trl: creating the virtual environment $(VENV) with $(PYTHON)"
+	$(PYTHON) -m venv $(VENV)
 
-demo: .installed
-	$(PYTHON) examples/demo.py --output_dir outputs/demo
+# torch first, pinned, only where it is missing (a bare `torch` requirement can pull another build)
+$(STAMP): setup.cfg pyproject.toml | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || { echo "forking_trl: installing $(TORCH) (a CUDA build with its CUDA libraries from the default index; CPU-only: make ... TORCH_INDEX=https://download.pytorch.org/whl/cpu)"; \
+	  $(PY) -m pip install --progress-bar on $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"; }
+	$(PY) -m pip install --progress-bar on -e ".[dev]"
+	@echo '$(STAMP_ID)' > $(STAMP)
 
-test: .installed
-	$(PYTHON) -m pytest -q tests
+demo: $(STAMP)
+	$(PY) examples/demo.py --output_dir outputs/demo
 
-bench: .installed
-	$(PYTHON) benchmarks/bench_selection.py
-	$(PYTHON) benchmarks/bench_entropy.py
-	$(PYTHON) benchmarks/bench_step.py
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_selection.py
+	$(PY) benchmarks/bench_entropy.py
+	$(PY) benchmarks/bench_step.py
