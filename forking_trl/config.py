@@ -16,6 +16,8 @@ SEQUENCE_MEAN_LOSSES = ("grpo", "sapo")  # mean over each sequence's tokens, the
 TOKEN_MEAN_LOSSES = ("bnpo", "dapo", "cispo", "vespo")  # sum over tokens / number of tokens in the (micro-)batch
 CONSTANT_NORMALIZER_LOSSES = ("dr_grpo", "luspo")  # divided by a constant: "kept" has no meaning
 
+OWN_FIELD_PREFIXES = ("forking_", "dynamic_sampling")
+
 _PAPER = "[Beyond the 80/20 Rule](https://huggingface.co/papers/2506.01939)"
 
 
@@ -71,6 +73,20 @@ class ForkingGRPOConfig(GRPOConfig):
             bonus raises the entropy of the low-entropy tokens alone, and the adaptive `entropy_target` is compared
             with the kept tokens' entropy, not all tokens'). Required, as an explicit choice, to combine the bonus with
             a forking mode other than `"all"`; the paper trains without a bonus.
+
+        > Parameters that control DAPO's dynamic sampling
+
+        dynamic_sampling (`bool`, *optional*, defaults to `False`):
+            DAPO's dynamic sampling ([arXiv 2503.14476](https://huggingface.co/papers/2503.14476), Sec. 3.2), which the
+            paper's recipe uses and TRL lacks: drop the groups whose total rewards are all equal (all solved or all
+            failed: advantage 0, no policy gradient, yet they fill the batch and the token-mean denominator) and fill
+            the generation batch with informative groups generated from further prompts before training on it.
+            Needs a map-style `train_dataset` and `per_device_train_batch_size * steps_per_generation` a multiple of
+            `num_generations` (each process then holds whole groups).
+        dynamic_sampling_max_rounds (`int`, *optional*, defaults to `10`):
+            Generation rounds per generation batch at most (DAPO's `max_num_gen_batches`). When the limit is reached
+            short of informative groups, the batch is completed with uninformative groups of the last round (advantage
+            0: no policy gradient), logged as `dynamic_sampling/filled_groups` and warned about once.
     """
 
     forking_mode: str = field(
@@ -125,9 +141,40 @@ class ForkingGRPOConfig(GRPOConfig):
         },
     )
 
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={
+            "help": "DAPO's dynamic sampling (arXiv 2503.14476), as in the paper's recipe: drop groups whose rewards "
+            "are all equal and fill the generation batch with informative groups from further prompts."
+        },
+    )
+    dynamic_sampling_max_rounds: int = field(
+        default=10,
+        metadata={
+            "help": "Generation rounds per generation batch at most (DAPO's max_num_gen_batches); then the batch is "
+            "completed with uninformative groups (advantage 0) and dynamic_sampling/filled_groups says so."
+        },
+    )
+
     def __post_init__(self):
         self._check_forking_fields()
         super().__post_init__()
+        self._check_dynamic_sampling()
+
+    def _check_dynamic_sampling(self) -> None:
+        """Validate the dynamic-sampling fields (after TRL derived `steps_per_generation`)."""
+        if not isinstance(self.dynamic_sampling, bool):
+            raise ValueError(f"dynamic_sampling must be True or False; got {self.dynamic_sampling!r}.")
+        rounds = self.dynamic_sampling_max_rounds
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"dynamic_sampling_max_rounds must be an int >= 1; got {rounds!r}.")
+        local = self.per_device_train_batch_size * (self.steps_per_generation or 1)
+        if self.dynamic_sampling and local % self.num_generations:
+            raise ValueError(
+                f"dynamic_sampling needs each process to hold whole groups: per_device_train_batch_size * "
+                f"steps_per_generation ({self.per_device_train_batch_size} * {self.steps_per_generation} = {local}) "
+                f"must be a multiple of num_generations ({self.num_generations})."
+            )
 
     def _check_forking_fields(self) -> None:
         """Validate the forking fields and their combination with TRL's; `ValueError` naming the field."""
@@ -175,8 +222,9 @@ class ForkingGRPOConfig(GRPOConfig):
             )
 
     def forking_fields(self) -> dict:
-        """The forking fields and their values (recorded in checkpoints, compared on resume)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith("forking_")}
+        """forking_trl's own fields (`forking_*`, `dynamic_sampling*`) and their values: recorded in checkpoints,
+        compared on resume."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(OWN_FIELD_PREFIXES)}
 
     @classmethod
     def from_grpo_config(cls, args: GRPOConfig, **forking_fields) -> ForkingGRPOConfig:
@@ -193,7 +241,7 @@ class ForkingGRPOConfig(GRPOConfig):
         promoted = cls.__new__(cls)
         promoted.__dict__.update(args.__dict__)
         for f in fields(cls):
-            if f.name.startswith("forking_") and f.name not in promoted.__dict__:
+            if f.name.startswith(OWN_FIELD_PREFIXES) and f.name not in promoted.__dict__:
                 setattr(promoted, f.name, f.default)
         if args.top_entropy_quantile < 1.0:
             if args.top_entropy_quantile <= 0.0:
@@ -204,8 +252,9 @@ class ForkingGRPOConfig(GRPOConfig):
             promoted.forking_mode, promoted.forking_ratio = "top", float(args.top_entropy_quantile)
             promoted.top_entropy_quantile = 1.0
         for name, value in forking_fields.items():
-            if not name.startswith("forking_") or not hasattr(promoted, name):
+            if not name.startswith(OWN_FIELD_PREFIXES) or not hasattr(promoted, name):
                 raise TypeError(f"from_grpo_config() got an unknown forking field {name!r}.")
             setattr(promoted, name, value)
         promoted._check_forking_fields()
+        promoted._check_dynamic_sampling()
         return promoted

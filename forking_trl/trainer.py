@@ -29,13 +29,17 @@ import logging
 import os
 import textwrap
 
+import datasets
 import torch
 import torch.distributed as dist
 from trl import GRPOConfig, GRPOTrainer
 from transformers.trainer_utils import get_last_checkpoint
+from torch.utils.data import IterableDataset
 from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.grpo_trainer import RepeatSampler
 
 from .config import SEQUENCE_MEAN_LOSSES, ForkingGRPOConfig
+from .dynamic_sampling import fill_groups, group_rows, informative_groups, stack_rows, take_groups
 from .selection import ForkingSelection, forking_select
 
 logger = logging.getLogger(__name__)
@@ -82,6 +86,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             args = ForkingGRPOConfig(f"{name.split('/')[-1]}-ForkingGRPO")
         args = ForkingGRPOConfig.from_grpo_config(args)
         args._check_forking_fields()  # again: fields may have been set after the config was built
+        args._check_dynamic_sampling()
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
 
         # TRL applies `get_high_entropy_mask` only when this is below 1; our hook reads the forking_* fields instead.
@@ -94,6 +99,15 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self._forking_generator = torch.Generator(device=self.accelerator.device)
         self._forking_generator.manual_seed(args.seed + 1_000_003 * self.accelerator.process_index)
         self._kept_token_counts: collections.Counter[int] = collections.Counter()
+        self._dynamic_rewards_per_func: torch.Tensor | None = None
+        self._dynamic_iterator = None
+        self._dynamic_passes = 0
+        self._dynamic_warned = False
+        if args.dynamic_sampling and isinstance(self.train_dataset, (IterableDataset, datasets.IterableDataset)):
+            raise ValueError(
+                "dynamic_sampling draws further prompts by index, so it needs a map-style train_dataset "
+                f"(a datasets.Dataset); got {type(self.train_dataset).__name__}. Set dynamic_sampling=False."
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # hooks
@@ -124,9 +138,31 @@ class ForkingGRPOTrainer(GRPOTrainer):
         return self._policy_weights(keep, mask, scale)
 
     def _generate_and_score_completions(self, inputs):
+        if self.args.dynamic_sampling and self.model.training:
+            output = self._dynamic_sampling(inputs)
+        else:
+            output = self._generate_round(inputs)
+        if self.args.forking_scope != "batch":
+            return output
+
+        # batch scope: select once over the generation batch actually trained on
+        entropies = output.pop("forking_entropies", None)
+        if entropies is None:
+            entropies = self._generation_batch_entropies(output)
+        mask = output["completion_mask"]
+        if "tool_mask" in output:
+            mask = mask * output["tool_mask"]
+        # (B, T) bool and a 0-dim scale: TRL's shuffle and split carry both to every micro-batch
+        output["forking_mask"], output["forking_scale"] = self._select_and_record(
+            entropies, mask, output["completion_ids"]
+        )
+        return output
+
+    def _generate_round(self, inputs):
+        """One TRL generation round; with `forking_scope="batch"`, its entropies ride along as `forking_entropies`
+        when TRL's old-log-prob pass gave them."""
         if self.args.forking_scope != "batch":
             return super()._generate_and_score_completions(inputs)
-
         reuses_old_logps = self._trl_computes_old_logps()
         self._forking_capture, self._forking_captured = reuses_old_logps, None
         try:
@@ -138,17 +174,15 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 "forking_scope='batch': TRL computed old log-probs when forking_trl did not expect it (or the "
                 "reverse); this TRL version is not supported. Use forking_scope='micro_batch'."
             )
-        entropies = self._forking_captured if reuses_old_logps else self._generation_batch_entropies(output)
+        if reuses_old_logps:
+            output["forking_entropies"] = self._forking_captured  # (B, T)
         self._forking_captured = None
-
-        mask = output["completion_mask"]
-        if "tool_mask" in output:
-            mask = mask * output["tool_mask"]
-        # (B, T) bool and a 0-dim scale: TRL's shuffle and split carry both to every micro-batch
-        output["forking_mask"], output["forking_scale"] = self._select_and_record(
-            entropies, mask, output["completion_ids"]
-        )
         return output
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._dynamic_rewards_per_func = rewards_per_func  # (N_all_processes, num_funcs): dynamic sampling reads it
+        return rewards_per_func
 
     def _get_per_token_logps_and_entropies(self, model, *args, compute_entropy=False, **kwargs):
         capture = self._forking_capture and self._forking_captured is None and model is self.model
@@ -159,6 +193,112 @@ class ForkingGRPOTrainer(GRPOTrainer):
             self._forking_captured = entropies.detach().float()
             entropies = entropies if compute_entropy else None
         return logps, entropies, aux_loss
+
+    # ------------------------------------------------------------------------------------------------------------
+    # dynamic sampling (DAPO): the decisions are forking_trl.dynamic_sampling's pure functions
+
+    def _dynamic_sampling(self, inputs: list[dict]) -> dict:
+        """Generate rounds until every process holds `len(inputs) / G` informative groups (or the round limit), and
+        return one generation batch of exactly those groups, shaped as TRL's output."""
+        G = self.num_generations
+        needed = len(inputs) // G  # local groups per generation batch (whole groups: checked by the config)
+        parts: list[tuple[dict, torch.Tensor]] = []  # (round output, local rows taken)
+        have = rounds = 0
+        totals = torch.zeros(2, device=self.accelerator.device)  # groups generated, informative, on all processes
+        while True:
+            rounds += 1
+            output = self._generate_round(inputs)
+            informative = self._informative_local_groups(len(inputs))  # (needed,) bool
+            taken = take_groups(informative, needed - have)
+            parts.append((output, group_rows(taken, G)))
+            have += len(taken)
+            # every process makes the same decision, so all take part in the same collectives each round
+            status = torch.tensor([len(informative), informative.sum(), have >= needed], device=totals.device)
+            status = self.accelerator.gather(status.float().unsqueeze(0)).view(-1, 3)
+            totals += status[:, :2].sum(dim=0)
+            if bool(status[:, 2].all()) or rounds >= self.args.dynamic_sampling_max_rounds:
+                break
+            inputs = self._next_dynamic_sampling_batch()
+        filled = 0
+        if have < needed:  # round limit: complete with the last round's uninformative groups (advantage 0)
+            extra = fill_groups(informative, taken, needed - have)
+            parts.append((output, group_rows(extra, G)))
+            filled = len(extra)
+        batch = stack_rows(
+            [(part, rows) for part, rows in parts if len(rows)],
+            left_padded=("prompt_ids", "prompt_mask"),
+            pad_values=dict.fromkeys(("prompt_ids", "completion_ids"), self._pad_token_id()),
+        )
+        self._finish_dynamic_batch(batch, parts[0][0], rounds, totals, filled, needed)
+        return batch
+
+    def _pad_token_id(self) -> int:
+        return getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
+
+    def _informative_local_groups(self, local_size: int) -> torch.Tensor:
+        """`(local_size / G,)` bool: this process's groups of the round just generated that have a reward spread."""
+        per_func = self._dynamic_rewards_per_func  # (N_all, F), gathered by TRL
+        rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1)
+        rewards[torch.isnan(per_func).all(dim=1)] = float("nan")  # unscorable, as TRL
+        start = self.accelerator.process_index * local_size
+        return informative_groups(rewards[start : start + local_size], self.num_generations)
+
+    def _finish_dynamic_batch(self, batch, first, rounds, totals, filled, needed) -> None:
+        for key in ("num_items_in_batch",):  # 0-dim values came from the first round: recount for this batch
+            if key in first:
+                mask = batch["completion_mask"]
+                mask = mask * batch["tool_mask"] if "tool_mask" in batch else mask
+                batch[key] = self.accelerator.gather(mask.sum()).sum()
+        unknown = [
+            k for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() == 0 and k != "num_items_in_batch"
+        ]
+        if unknown or any(k in batch for k in ("pixel_values", "image_grid_thw", "num_images")):
+            raise ValueError(
+                f"dynamic_sampling cannot combine generation rounds holding {unknown or 'image inputs'}; it supports "
+                "text models. Set dynamic_sampling=False."
+            )
+        filled_all = self.accelerator.reduce(torch.tensor(float(filled), device=totals.device), reduction="sum").item()
+        metrics = self._metrics["train"]
+        metrics["dynamic_sampling/rounds"].append(float(rounds))
+        metrics["dynamic_sampling/kept_groups"].append((totals[1] / totals[0].clamp(min=1)).item())
+        metrics["dynamic_sampling/filled_groups"].append(filled_all / (needed * self.accelerator.num_processes))
+        if filled_all and not self._dynamic_warned:
+            logger.warning(
+                "forking_trl: dynamic sampling reached dynamic_sampling_max_rounds=%d with too few informative groups; "
+                "%d of the batch's %d groups are uninformative ones of the last round (advantage 0, no policy "
+                "gradient). Logged as dynamic_sampling/filled_groups; said once. Raise the limit, or check the "
+                "rewards and the data's difficulty.",
+                self.args.dynamic_sampling_max_rounds,
+                int(filled_all),
+                needed * self.accelerator.num_processes,
+            )
+            self._dynamic_warned = True
+
+    def _next_dynamic_sampling_batch(self) -> list[dict]:
+        """The next local batch of further prompts: TRL's group layout (each prompt `G` times, whole groups per
+        process), an order of its own, reshuffled each pass over the dataset."""
+        while True:
+            if self._dynamic_iterator is not None:
+                try:
+                    return next(self._dynamic_iterator)
+                except StopIteration:
+                    self._dynamic_passes += 1
+            seed = self.args.seed + 1 + self._dynamic_passes
+            loader = self._get_dataloader(
+                dataset=self.train_dataset,
+                description="Dynamic sampling",
+                batch_size=self._train_batch_size * self.args.steps_per_generation,
+                sampler_fn=lambda dataset: RepeatSampler(
+                    data_source=dataset,
+                    mini_repeat_count=self.num_generations,
+                    batch_size=self.args.generation_batch_size // self.num_generations,
+                    repeat_count=1,
+                    shuffle=True,
+                    seed=seed,
+                ),
+                is_training=True,
+            )
+            self._dynamic_iterator = iter(loader)
 
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints: the forking fields and the random mode's generator travel with the checkpoint

@@ -44,3 +44,34 @@ def changed(before: dict[str, torch.Tensor], model) -> set[str]:
 
 def logged(trainer, key: str) -> list[float]:
     return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def prompt_number(text: str) -> int:
+    """The i of a `prompt_dataset` prompt ('What is i + (i+1)?'), found in a prompt or decoded prompt text."""
+    import re
+
+    return int(re.search(r"What is (\d+) \+", text).group(1))
+
+
+def half_constant_reward(prompts, completions, **kwargs) -> list[float]:
+    """Constant (1.0) for the even prompts of `prompt_dataset`: uninformative groups. For the odd ones, a reward
+    that varies within the group (length plus a per-call counter, so two completions of a group always differ)."""
+    rewards = []
+    for k, (prompt, completion) in enumerate(zip(prompts, completions)):
+        text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+        rewards.append(1.0 if prompt_number(text) % 2 == 0 else float(k % 4) + 0.01 * len(completion[0]["content"]))
+    return rewards
+
+
+class AdvantageSpy:
+    """Wraps `trainer.compute_loss`: records, for each micro-batch trained on, its prompts' numbers and advantages."""
+
+    def __init__(self, trainer):
+        self.trainer, self.inner, self.seen = trainer, trainer.compute_loss, []
+        trainer.compute_loss = self
+
+    def __call__(self, model, inputs, *args, **kwargs):
+        texts = self.trainer.processing_class.batch_decode(inputs["prompt_ids"], skip_special_tokens=True)
+        numbers = [prompt_number(t) for t in texts]
+        self.seen.append((numbers, inputs["advantages"].detach().cpu().tolist()))
+        return self.inner(model, inputs, *args, **kwargs)

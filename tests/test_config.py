@@ -69,10 +69,10 @@ def test_promotion_keeps_derived_fields_and_translates_quantile():
 def test_every_forking_field_is_documented():
     doc = ForkingGRPOConfig.__doc__
     for name, f in ForkingGRPOConfig.__dataclass_fields__.items():
-        if name.startswith("forking_"):
+        if name.startswith(("forking_", "dynamic_sampling")):
             assert f"{name} (`" in doc, name
             assert f.metadata.get("help"), name
-    assert "2506.01939" in doc
+    assert "2506.01939" in doc and "2503.14476" in doc
 
 
 def test_cli_flags_parse_and_choices_are_enforced():
@@ -99,4 +99,5 @@ def test_forking_fields_lists_every_forking_field():
     args = ForkingGRPOConfig(**COMMON, forking_mode="bottom", forking_ratio=0.8)
     recorded = args.forking_fields()
     assert recorded["forking_mode"] == "bottom" and recorded["forking_ratio"] == 0.8
-    assert all(name.startswith("forking_") for name in recorded) and "forking_scope" in recorded
+    assert all(name.startswith(("forking_", "dynamic_sampling")) for name in recorded) and "forking_scope" in recorded
+    assert recorded["dynamic_sampling"] is False

@@ -12,10 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"
 
 
-def launch(tmp_path, accelerate_args, script_args, extra_env=None):
+def launch(tmp_path, accelerate_args, script_args, extra_env=None, script=SCRIPT):
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}", "HF_HUB_OFFLINE": "1"}
     env.update(extra_env or {})
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args, str(SCRIPT), *script_args]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args, str(script), *script_args]
     run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return [json.loads(p.read_text()) for p in sorted(Path(tmp_path).glob("rank*.json"))]

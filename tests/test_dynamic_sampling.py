@@ -1,0 +1,189 @@
+"""DAPO dynamic sampling: the pure decisions on hand-built tensors, then training in one and in two processes."""
+
+import math
+
+import pytest
+import torch
+
+from _util import AdvantageSpy, half_constant_reward, logged, prompt_dataset, trainer_args
+from forking_trl import ForkingGRPOTrainer
+from forking_trl.dynamic_sampling import fill_groups, group_rows, informative_groups, stack_rows, take_groups
+from test_launch import launch
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pure functions
+
+
+def test_informative_groups_ignores_unscorable_and_needs_a_spread():
+    nan = float("nan")
+    rewards = torch.tensor(
+        [
+            [1.0, 1.0, 1.0],  # all solved
+            [0.0, 0.0, 0.0],  # all failed
+            [0.0, 1.0, 0.0],  # informative
+            [nan, 1.0, 1.0],  # the scorable ones are equal
+            [nan, nan, 1.0],  # one scorable completion: no spread
+            [nan, 0.0, 1.0],  # informative despite an unscorable one
+            [0.1, 0.1, 0.1 + 1e-6],  # a tiny spread still counts (advantages are scaled by the std)
+        ]
+    ).flatten()
+    assert informative_groups(rewards, 3).tolist() == [False, False, True, False, False, True, True]
+
+
+def test_take_and_fill_groups():
+    informative = torch.tensor([False, True, False, True, True])
+    taken = take_groups(informative, 2)
+    assert taken.tolist() == [1, 3]
+    assert take_groups(informative, 9).tolist() == [1, 3, 4] and take_groups(informative, 0).tolist() == []
+    assert fill_groups(informative, taken, 2).tolist() == [0, 2]  # not taken: the uninformative first
+    assert group_rows(torch.tensor([0, 2]), 3).tolist() == [0, 1, 2, 6, 7, 8]
+
+
+def test_stack_rows_pads_prompts_left_and_completions_right():
+    a = {
+        "prompt_ids": torch.tensor([[5, 6], [7, 8]]),
+        "completion_ids": torch.tensor([[1, 2, 3], [4, 0, 0]]),
+        "advantages": torch.tensor([0.5, -0.5]),
+        "num_items_in_batch": torch.tensor(4),
+    }
+    b = {
+        "prompt_ids": torch.tensor([[1, 2, 3]]),
+        "completion_ids": torch.tensor([[9]]),
+        "advantages": torch.tensor([1.0]),
+        "num_items_in_batch": torch.tensor(1),
+    }
+    out = stack_rows(
+        [(a, torch.tensor([1])), (b, torch.tensor([0]))],
+        left_padded=("prompt_ids",),
+        pad_values={"prompt_ids": -1, "completion_ids": -2},
+    )
+    assert out["prompt_ids"].tolist() == [[-1, 7, 8], [1, 2, 3]]
+    assert out["completion_ids"].tolist() == [[4, 0, 0], [9, -2, -2]]
+    assert out["advantages"].tolist() == [-0.5, 1.0]
+    assert out["num_items_in_batch"].item() == 4  # 0-dim values: the first batch's (the trainer recounts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+
+
+def only_informative(seen) -> None:
+    """Every micro-batch trained on holds odd (informative) prompts only, each group with non-zero advantages."""
+    assert seen
+    by_prompt = {}
+    for numbers, advantages in seen:
+        assert all(n % 2 == 1 for n in numbers), numbers  # no constant-reward group reached the loss
+        for n, a in zip(numbers, advantages):
+            by_prompt.setdefault(n, []).append(a)
+    assert all(any(abs(a) > 1e-3 for a in advs) for advs in by_prompt.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(steps_per_generation=2, gradient_accumulation_steps=2, per_device_train_batch_size=4),
+        dict(num_iterations=2),
+        dict(forking_scope="batch"),
+        dict(forking_scope="batch", num_iterations=2, loss_type="dapo"),
+    ],
+    ids=["plain", "accumulation", "iterations", "batch-scope", "batch-scope-reuse"],
+)
+def test_only_informative_groups_reach_the_loss(tiny_model, tmp_path, overrides):
+    args = trainer_args(tmp_path, dynamic_sampling=True, max_steps=3, **overrides)
+    trainer = ForkingGRPOTrainer(tiny_model, half_constant_reward, args=args, train_dataset=prompt_dataset())
+    spy = AdvantageSpy(trainer)
+    trainer.train()
+    only_informative(spy.seen)
+    rounds = logged(trainer, "dynamic_sampling/rounds")
+    kept = logged(trainer, "dynamic_sampling/kept_groups")
+    assert rounds and all(r >= 1 for r in rounds)
+    assert kept and all(0 < k < 1 for k in kept)  # half the prompts are uninformative
+    assert all(f == 0.0 for f in logged(trainer, "dynamic_sampling/filled_groups"))
+    if args.forking_scope == "batch":
+        assert all(abs(k - 0.2) < 0.12 for k in logged(trainer, "forking/kept_fraction"))
+
+
+@pytest.mark.slow
+def test_without_it_uninformative_groups_reach_the_loss(tiny_model, tmp_path):
+    # the control for the test above: the spy does see even prompts when dynamic sampling is off
+    args = trainer_args(tmp_path, max_steps=3)
+    trainer = ForkingGRPOTrainer(tiny_model, half_constant_reward, args=args, train_dataset=prompt_dataset())
+    spy = AdvantageSpy(trainer)
+    trainer.train()
+    assert any(n % 2 == 0 for numbers, _ in spy.seen for n in numbers)
+
+
+def constant_reward(completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+@pytest.mark.slow
+def test_round_limit_when_every_group_is_uninformative(tiny_model, tmp_path, caplog):
+    args = trainer_args(tmp_path, dynamic_sampling=True, dynamic_sampling_max_rounds=3, max_steps=2)
+    trainer = ForkingGRPOTrainer(tiny_model, constant_reward, args=args, train_dataset=prompt_dataset())
+    with caplog.at_level("WARNING", logger="forking_trl.trainer"):
+        trainer.train()
+    assert trainer.state.global_step == 2  # training went on
+    assert logged(trainer, "dynamic_sampling/rounds") == [3.0, 3.0]
+    assert logged(trainer, "dynamic_sampling/filled_groups") == [1.0, 1.0]
+    assert logged(trainer, "dynamic_sampling/kept_groups") == [0.0, 0.0]
+    assert caplog.text.count("dynamic_sampling_max_rounds=3") == 1  # said once
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_with_it_on(tiny_model, tmp_path):
+    kwargs = dict(dynamic_sampling=True, max_steps=2, save_strategy="steps", save_steps=1)
+    first = ForkingGRPOTrainer(
+        tiny_model, half_constant_reward, args=trainer_args(tmp_path, **kwargs), train_dataset=prompt_dataset()
+    )
+    first.train()
+    resumed = ForkingGRPOTrainer(
+        tiny_model,
+        half_constant_reward,
+        args=trainer_args(tmp_path, **{**kwargs, "max_steps": 3}),
+        train_dataset=prompt_dataset(),
+    )
+    spy = AdvantageSpy(resumed)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 3
+    only_informative(spy.seen)
+    assert all(math.isfinite(x) for x in logged(resumed, "dynamic_sampling/kept_groups"))
+
+
+def test_construction_errors_name_the_fields(tiny_model, tmp_path):
+    from datasets import IterableDataset
+
+    with pytest.raises(ValueError, match="dynamic_sampling_max_rounds"):
+        trainer_args(tmp_path, dynamic_sampling=True, dynamic_sampling_max_rounds=0)
+    # with 2 processes and per_device_train_batch_size=6, a group of 4 would span both processes
+    args = trainer_args(tmp_path, dynamic_sampling=True, per_device_train_batch_size=8, num_generations=4)
+    args.per_device_train_batch_size = 6
+    with pytest.raises(ValueError, match=r"6 \* 1 = 6\) must be a multiple of num_generations \(4\)"):
+        args._check_dynamic_sampling()
+    stream = IterableDataset.from_generator(lambda: iter(prompt_dataset()))
+    with pytest.raises(ValueError, match="map-style train_dataset"):
+        ForkingGRPOTrainer(
+            tiny_model, half_constant_reward, args=trainer_args(tmp_path, dynamic_sampling=True), train_dataset=stream
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scope", ["micro_batch", "batch"])
+def test_two_processes_train_only_on_informative_groups(tiny_model, tmp_path, scope):
+    from pathlib import Path
+
+    records = launch(
+        tmp_path,
+        ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+        + ["--dynamo_backend", "no"],
+        ["--model", tiny_model, "--output_dir", str(tmp_path), "--scope", scope],
+        {"ACCELERATE_USE_CPU": "true"},
+        script=Path(__file__).resolve().parent / "scripts" / "train_dynamic.py",
+    )
+    assert len(records) == 2 and all(r["world_size"] == 2 and r["steps"] == 3 for r in records)
+    for record in records:
+        only_informative(record["seen"])
+    assert records[0]["rounds"] == records[1]["rounds"]  # the same rounds on both: every collective was joined
+    assert records[0]["kept_groups"] == records[1]["kept_groups"]
