@@ -87,6 +87,10 @@ class ForkingGRPOConfig(GRPOConfig):
             Generation rounds per generation batch at most (DAPO's `max_num_gen_batches`). When the limit is reached
             short of informative groups, the batch is completed with uninformative groups of the last round (advantage
             0: no policy gradient), logged as `dynamic_sampling/filled_groups` and warned about once.
+        dynamic_sampling_reward (`str` or `None`, *optional*, defaults to `None`):
+            The reward whose spread within a group makes it informative: the name of one reward function (as TRL
+            names them, e.g. `"accuracy_reward"`; DAPO's released recipe filters on accuracy, so that the overlong
+            shaping alone does not make a group informative), or `None` for the total weighted reward.
     """
 
     forking_mode: str = field(
@@ -153,6 +157,14 @@ class ForkingGRPOConfig(GRPOConfig):
         metadata={
             "help": "Generation rounds per generation batch at most (DAPO's max_num_gen_batches); then the batch is "
             "completed with uninformative groups (advantage 0) and dynamic_sampling/filled_groups says so."
+        },
+    )
+
+    dynamic_sampling_reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward function (by name, e.g. 'accuracy_reward', as DAPO's recipe) whose spread makes a group "
+            "informative; None: the total weighted reward."
         },
     )
 

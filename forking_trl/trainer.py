@@ -103,6 +103,12 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self._dynamic_iterator = None
         self._dynamic_passes = 0
         self._dynamic_warned = False
+        name = args.dynamic_sampling_reward
+        if name is not None and name not in self.reward_func_names:
+            raise ValueError(
+                f"dynamic_sampling_reward={name!r} is not one of this trainer's reward functions: "
+                f"{', '.join(map(repr, self.reward_func_names))} (or None for the total reward)."
+            )
         if args.dynamic_sampling and isinstance(self.train_dataset, (IterableDataset, datasets.IterableDataset)):
             raise ValueError(
                 "dynamic_sampling draws further prompts by index, so it needs a map-style train_dataset "
@@ -238,8 +244,11 @@ class ForkingGRPOTrainer(GRPOTrainer):
     def _informative_local_groups(self, local_size: int) -> torch.Tensor:
         """`(local_size / G,)` bool: this process's groups of the round just generated that have a reward spread."""
         per_func = self._dynamic_rewards_per_func  # (N_all, F), gathered by TRL
-        rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1)
-        rewards[torch.isnan(per_func).all(dim=1)] = float("nan")  # unscorable, as TRL
+        if self.args.dynamic_sampling_reward is not None:  # one function's reward (DAPO: accuracy)
+            rewards = per_func[:, self.reward_func_names.index(self.args.dynamic_sampling_reward)]
+        else:  # the total, as TRL weighs it
+            rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1)
+            rewards[torch.isnan(per_func).all(dim=1)] = float("nan")  # unscorable, as TRL
         start = self.accelerator.process_index * local_size
         return informative_groups(rewards[start : start + local_size], self.num_generations)
 

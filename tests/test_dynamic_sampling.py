@@ -187,3 +187,22 @@ def test_two_processes_train_only_on_informative_groups(tiny_model, tmp_path, sc
         only_informative(record["seen"])
     assert records[0]["rounds"] == records[1]["rounds"]  # the same rounds on both: every collective was joined
     assert records[0]["kept_groups"] == records[1]["kept_groups"]
+
+
+def length_noise(completions, **kwargs):
+    return [0.01 * (k % 3) for k in range(len(completions))]  # varies within every group
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_reward_picks_the_function_that_decides(tiny_model, tmp_path):
+    # the total reward varies in every group (length_noise), so only the named function can filter
+    args = trainer_args(tmp_path, dynamic_sampling=True, dynamic_sampling_reward="half_constant_reward", max_steps=2)
+    trainer = ForkingGRPOTrainer(
+        tiny_model, [half_constant_reward, length_noise], args=args, train_dataset=prompt_dataset()
+    )
+    spy = AdvantageSpy(trainer)
+    trainer.train()
+    assert all(n % 2 == 1 for numbers, _ in spy.seen for n in numbers)
+    args.dynamic_sampling_reward = "accuracy_reward"
+    with pytest.raises(ValueError, match="dynamic_sampling_reward='accuracy_reward' is not one of"):
+        ForkingGRPOTrainer(tiny_model, [half_constant_reward, length_noise], args=args, train_dataset=prompt_dataset())

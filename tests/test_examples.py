@@ -40,6 +40,11 @@ def test_recipes_parse_with_the_script_parser(recipe):
             1.0,
         )
         assert "overlong" in script_args.reward_funcs
+        # DAPO's dynamic sampling as the released code: filtered on accuracy, at most 10 rounds
+        from forking_trl.rewards import get_reward_funcs
+
+        assert training_args.dynamic_sampling and training_args.dynamic_sampling_max_rounds == 10
+        assert training_args.dynamic_sampling_reward == get_reward_funcs(["accuracy"])[0].__name__
 
 
 def test_flags_override_yaml():

@@ -89,3 +89,31 @@ def test_reward_funcs_is_optional_and_the_entropy_bonus_uses_the_hooks_mask():
     assert "effective_mask = mask if entropy_mask is None else mask * entropy_mask" in source(
         GRPOTrainer._compute_loss
     )
+
+
+def test_dynamic_sampling_hooks():
+    from transformers import Trainer
+    from trl.trainer.grpo_trainer import RepeatSampler
+
+    # the rewards of every process, as dynamic sampling reads them: gathered inside _calculate_rewards
+    assert list(inspect.signature(GRPOTrainer._calculate_rewards).parameters) == [
+        "self",
+        "inputs",
+        "prompts",
+        "completions",
+        "completion_ids_list",
+    ]
+    assert "rewards_per_func = gather(rewards_per_func)" in source(GRPOTrainer._calculate_rewards)
+    gen = source(GRPOTrainer._generate_and_score_completions)
+    assert "rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids_list)" in gen
+    assert "process_slice = slice(" in gen and "self.accelerator.process_index * len(prompts)" in gen
+    assert "num_items_in_batch = self.accelerator.gather(loss_mask.sum()).sum()" in gen
+    assert '"num_items_in_batch": num_items_in_batch,' in gen
+    # the sampler and dataloader factory that draw further prompts in TRL's group layout
+    params = inspect.signature(RepeatSampler.__init__).parameters
+    assert {"data_source", "mini_repeat_count", "batch_size", "repeat_count", "shuffle", "seed"} <= set(params)
+    params = inspect.signature(Trainer._get_dataloader).parameters
+    assert {"dataset", "description", "batch_size", "sampler_fn", "is_training"} <= set(params)
+    # the generation batch is made, shuffled and split in _prepare_inputs (dynamic sampling happens before)
+    prep = source(GRPOTrainer._prepare_inputs)
+    assert prep.index("self._generate_and_score_completions(generation_batch)") < prep.index("shuffle_sequence_dict")
