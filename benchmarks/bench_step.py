@@ -8,6 +8,11 @@ Variants (same model, data, seed and batch: 16 completions of 64 tokens per step
   grpo_quantile    GRPOTrainer(top_entropy_quantile=0.2), TRL's own mask
   forking          ForkingGRPOTrainer, top 0.2, forking_scope="micro_batch"
   forking_batch    ForkingGRPOTrainer, top 0.2, forking_scope="batch" (one extra no-grad forward per generation)
+  forking_halfconst  ForkingGRPOTrainer, top 0.2, a reward constant for half the prompts (their groups give no gradient)
+  forking_dynamic  the same with dynamic_sampling=True: those groups are replaced by informative ones (DAPO)
+
+The last two are the cost of dynamic sampling: its generation rounds per optimizer step and its step time against
+the same run without it (`dynamic / halfconst`), and the share of the trained groups that are informative in each.
 
 Each run is its own child process (so its peak resident memory is its own), the variants alternate within each
 round, and the figure is the median over rounds of each run's median `step_time` (TRL's metric: generation,
@@ -26,7 +31,7 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("grpo", "grpo_quantile", "forking", "forking_batch")
+VARIANTS = ("grpo", "grpo_quantile", "forking", "forking_batch", "forking_halfconst", "forking_dynamic")
 
 
 def child(variant: str, model: str, steps: int, output_dir: str) -> None:
@@ -41,6 +46,10 @@ def child(variant: str, model: str, steps: int, output_dir: str) -> None:
     def reward(completions, **kwargs):
         return [float(len(c[0]["content"]) % 5) for c in completions]
 
+    def half_constant(prompts, completions, **kwargs):  # 'What is i + i?': constant for even i
+        numbers = [int(p[-1]["content"].split()[2]) for p in prompts]
+        return [1.0 if n % 2 == 0 else float(len(c[0]["content"]) % 5) for n, c in zip(numbers, completions)]
+
     common = dict(
         output_dir=output_dir, per_device_train_batch_size=16, num_generations=4, max_completion_length=64,
         max_steps=steps, logging_steps=1, learning_rate=1e-4, report_to=[], save_strategy="no", use_cpu=True,
@@ -52,8 +61,12 @@ def child(variant: str, model: str, steps: int, output_dir: str) -> None:
         trainer = GRPOTrainer(model, reward, args=GRPOConfig(top_entropy_quantile=0.2, **common), train_dataset=data)
     else:
         scope = "batch" if variant == "forking_batch" else "micro_batch"
-        args = ForkingGRPOConfig(forking_ratio=0.2, forking_scope=scope, forking_log_top_tokens=0, **common)
-        trainer = ForkingGRPOTrainer(model, reward, args=args, train_dataset=data)
+        dynamic = variant == "forking_dynamic"
+        args = ForkingGRPOConfig(
+            forking_ratio=0.2, forking_scope=scope, forking_log_top_tokens=0, dynamic_sampling=dynamic, **common
+        )
+        funcs = half_constant if variant in ("forking_halfconst", "forking_dynamic") else reward
+        trainer = ForkingGRPOTrainer(model, funcs, args=args, train_dataset=data)
     # time spent in the token selection itself (and batch scope's extra forward), measured inside the step
     spent = [0.0]
     hooks = ["get_high_entropy_mask"] if variant == "grpo_quantile" else []
@@ -71,10 +84,17 @@ def child(variant: str, model: str, steps: int, output_dir: str) -> None:
 
         setattr(trainer, name, timed)
     trainer.train()
-    times = [e["step_time"] for e in trainer.state.log_history if "step_time" in e]
+    history = trainer.state.log_history
+    times = [e["step_time"] for e in history if "step_time" in e]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rounds = [e["dynamic_sampling/rounds"] for e in history if "dynamic_sampling/rounds" in e] or [1.0]
+    if variant == "forking_dynamic":  # informative share of the groups trained on
+        informative = [1 - e["dynamic_sampling/filled_groups"] for e in history if "dynamic_sampling/filled_groups" in e]
+    else:
+        informative = [1 - e["frac_reward_zero_std"] for e in history if "frac_reward_zero_std" in e]
     print(json.dumps({"step_time": statistics.median(times[1:]), "peak_mib": peak,
-                      "selection_share": spent[0] / sum(times)}))
+                      "selection_share": spent[0] / sum(times), "rounds": statistics.mean(rounds),
+                      "informative": statistics.mean(informative)}))
 
 
 def main():
@@ -112,14 +132,23 @@ def main():
     base = statistics.median(x["step_time"] for x in results["grpo"])
     print(f"\nStep time, tiny Qwen3 (hidden 128, 4 layers), 16 x 64-token completions per step, CPU; "
           f"median of {rounds} round(s) x {steps - 1} timed steps")
-    print(f"{'variant':>15}{'s / step':>10}{'vs grpo':>9}{'peak MiB':>10}{'selection share of step':>25}")
+    print(f"{'variant':>18}{'s / step':>10}{'vs grpo':>9}{'peak MiB':>10}{'selection share of step':>25}")
     for variant in VARIANTS:
         t = statistics.median(x["step_time"] for x in results[variant])
         peak = max(x["peak_mib"] for x in results[variant])
         share = statistics.median(x["selection_share"] for x in results[variant])
         shown = f"{100 * share:.2f}%" if variant != "grpo" else "-"
-        print(f"{variant:>15}{t:>10.3f}{t / base:>8.3f}x{peak:>10,.0f}{shown:>25}")
+        print(f"{variant:>18}{t:>10.3f}{t / base:>8.3f}x{peak:>10,.0f}{shown:>25}")
     print("selection share: time inside the selection hook (forking_batch: and its extra forward) / step time")
+
+    half = statistics.median(x["step_time"] for x in results["forking_halfconst"])
+    dyn = statistics.median(x["step_time"] for x in results["forking_dynamic"])
+    print("\nDynamic sampling, reward constant for half the prompts (same run):")
+    print(f"{'variant':>18}{'rounds / step':>15}{'s / step':>10}{'vs without':>12}{'informative groups trained':>28}")
+    for variant, t in (("forking_halfconst", half), ("forking_dynamic", dyn)):
+        rounds = statistics.mean(x["rounds"] for x in results[variant])
+        informative = statistics.mean(x["informative"] for x in results[variant])
+        print(f"{variant:>18}{rounds:>15.2f}{t:>10.3f}{t / half:>11.3f}x{100 * informative:>27.0f}%")
 
 
 if __name__ == "__main__":
