@@ -214,6 +214,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
         while True:
             rounds += 1
             output = self._generate_round(inputs)
+            if rounds == 1:
+                self._check_stackable(output)
             informative = self._informative_local_groups(len(inputs))  # (needed,) bool
             taken = take_groups(informative, needed - have)
             parts.append((output, group_rows(taken, G)))
@@ -235,8 +237,23 @@ class ForkingGRPOTrainer(GRPOTrainer):
             left_padded=("prompt_ids", "prompt_mask"),
             pad_values=dict.fromkeys(("prompt_ids", "completion_ids"), self._pad_token_id()),
         )
-        self._finish_dynamic_batch(batch, parts[0][0], rounds, totals, filled, needed)
+        loss_mask = batch["completion_mask"] * batch.get("tool_mask", 1)
+        batch["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()  # recounted for this batch
+        self._log_dynamic_sampling(rounds, totals, filled, needed)
         return batch
+
+    @staticmethod
+    def _check_stackable(output: dict) -> None:
+        """Rounds are combined row by row: every tensor must be per sample, or `num_items_in_batch` (recounted)."""
+        odd = [
+            k for k, v in output.items() if isinstance(v, torch.Tensor) and v.dim() == 0 and k != "num_items_in_batch"
+        ]
+        odd += [k for k in ("pixel_values", "image_grid_thw", "num_images", "num_tiles") if k in output]
+        if odd:
+            raise ValueError(
+                f"dynamic_sampling combines generation rounds row by row and cannot combine {odd}; it supports text "
+                "models. Set dynamic_sampling=False."
+            )
 
     def _pad_token_id(self) -> int:
         return getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
@@ -252,20 +269,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         start = self.accelerator.process_index * local_size
         return informative_groups(rewards[start : start + local_size], self.num_generations)
 
-    def _finish_dynamic_batch(self, batch, first, rounds, totals, filled, needed) -> None:
-        for key in ("num_items_in_batch",):  # 0-dim values came from the first round: recount for this batch
-            if key in first:
-                mask = batch["completion_mask"]
-                mask = mask * batch["tool_mask"] if "tool_mask" in batch else mask
-                batch[key] = self.accelerator.gather(mask.sum()).sum()
-        unknown = [
-            k for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() == 0 and k != "num_items_in_batch"
-        ]
-        if unknown or any(k in batch for k in ("pixel_values", "image_grid_thw", "num_images")):
-            raise ValueError(
-                f"dynamic_sampling cannot combine generation rounds holding {unknown or 'image inputs'}; it supports "
-                "text models. Set dynamic_sampling=False."
-            )
+    def _log_dynamic_sampling(self, rounds: int, totals: torch.Tensor, filled: int, needed: int) -> None:
         filled_all = self.accelerator.reduce(torch.tensor(float(filled), device=totals.device), reduction="sum").item()
         metrics = self._metrics["train"]
         metrics["dynamic_sampling/rounds"].append(float(rounds))
