@@ -173,6 +173,11 @@ class ForkingGRPOConfig(GRPOConfig):
         super().__post_init__()
         self._check_dynamic_sampling()
 
+    def validate(self) -> None:
+        """Check every forking_trl field again (e.g. after one was set on a built config); `ValueError` naming it."""
+        self._check_forking_fields()
+        self._check_dynamic_sampling()
+
     def _check_dynamic_sampling(self) -> None:
         """Validate the dynamic-sampling fields (after TRL derived `steps_per_generation`)."""
         if not isinstance(self.dynamic_sampling, bool):
@@ -222,9 +227,10 @@ class ForkingGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"entropy_coef={self.entropy_coef}, use_adaptive_entropy={self.use_adaptive_entropy}: TRL applies its "
                 f"entropy bonus to the same tokens as the policy gradient, so with forking_mode={self.forking_mode!r} "
-                "it acts on the kept tokens only (with 'bottom': raising the entropy of the low-entropy tokens alone), "
-                "and the adaptive controller measures the kept tokens' entropy. Set forking_kept_entropy_bonus=True (a "
-                "ForkingGRPOConfig field) to train so, or turn the bonus off (entropy_coef=0.0, use_adaptive_entropy=False; the paper uses none)."
+                "it acts on the kept tokens only (with 'bottom': raising the entropy of the low-entropy tokens "
+                "alone), and the adaptive controller measures the kept tokens' entropy. Set "
+                "forking_kept_entropy_bonus=True (a ForkingGRPOConfig field) to train so, or turn the bonus off (entropy_coef=0.0, "
+                "use_adaptive_entropy=False; the paper uses none)."
             )
         if self.forking_normalizer == "kept" and self.loss_type in CONSTANT_NORMALIZER_LOSSES:
             raise ValueError(
@@ -267,6 +273,5 @@ class ForkingGRPOConfig(GRPOConfig):
             if not name.startswith(OWN_FIELD_PREFIXES) or not hasattr(promoted, name):
                 raise TypeError(f"from_grpo_config() got an unknown forking field {name!r}.")
             setattr(promoted, name, value)
-        promoted._check_forking_fields()
-        promoted._check_dynamic_sampling()
+        promoted.validate()
         return promoted

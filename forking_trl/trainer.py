@@ -32,9 +32,9 @@ import textwrap
 import datasets
 import torch
 import torch.distributed as dist
-from trl import GRPOConfig, GRPOTrainer
-from transformers.trainer_utils import get_last_checkpoint
 from torch.utils.data import IterableDataset
+from transformers.trainer_utils import get_last_checkpoint
+from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.grpo_trainer import RepeatSampler
 
@@ -85,8 +85,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             name = model if isinstance(model, str) else model.config._name_or_path
             args = ForkingGRPOConfig(f"{name.split('/')[-1]}-ForkingGRPO")
         args = ForkingGRPOConfig.from_grpo_config(args)
-        args._check_forking_fields()  # again: fields may have been set after the config was built
-        args._check_dynamic_sampling()
+        args.validate()  # again: fields may have been set after the config was built
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
 
         # TRL applies `get_high_entropy_mask` only when this is below 1; our hook reads the forking_* fields instead.
@@ -155,12 +154,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
         entropies = output.pop("forking_entropies", None)
         if entropies is None:
             entropies = self._generation_batch_entropies(output)
-        mask = output["completion_mask"]
-        if "tool_mask" in output:
-            mask = mask * output["tool_mask"]
         # (B, T) bool and a 0-dim scale: TRL's shuffle and split carry both to every micro-batch
         output["forking_mask"], output["forking_scale"] = self._select_and_record(
-            entropies, mask, output["completion_ids"]
+            entropies, _loss_mask(output), output["completion_ids"]
         )
         return output
 
@@ -237,8 +233,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             left_padded=("prompt_ids", "prompt_mask"),
             pad_values=dict.fromkeys(("prompt_ids", "completion_ids"), self._pad_token_id()),
         )
-        loss_mask = batch["completion_mask"] * batch.get("tool_mask", 1)
-        batch["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()  # recounted for this batch
+        batch["num_items_in_batch"] = self.accelerator.gather(_loss_mask(batch).sum()).sum()  # recounted, as TRL
         self._log_dynamic_sampling(rounds, totals, filled, needed)
         return batch
 
@@ -277,8 +272,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
         metrics["dynamic_sampling/filled_groups"].append(filled_all / (needed * self.accelerator.num_processes))
         if filled_all and not self._dynamic_warned:
             logger.warning(
-                "forking_trl: dynamic sampling reached dynamic_sampling_max_rounds=%d with too few informative groups; "
-                "%d of the batch's %d groups are uninformative ones of the last round (advantage 0, no policy "
+                "forking_trl: dynamic sampling reached dynamic_sampling_max_rounds=%d with too few informative "
+                "groups; %d of the batch's %d groups are uninformative ones of the last round (advantage 0, no policy "
                 "gradient). Logged as dynamic_sampling/filled_groups; said once. Raise the limit, or check the "
                 "rewards and the data's difficulty.",
                 self.args.dynamic_sampling_max_rounds,
@@ -504,3 +499,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
             for text, count in top:
                 table.add_data(self.state.global_step, text, count)
             wandb.log({"forking/top_kept_tokens": table}, commit=False)
+
+
+def _loss_mask(output: dict) -> torch.Tensor:
+    """`(B, T)` tokens of a generation batch that count in the loss: the completion mask times TRL's tool mask."""
+    mask = output["completion_mask"]
+    return mask * output["tool_mask"] if "tool_mask" in output else mask
