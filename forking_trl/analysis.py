@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy
 import torch
 
-from .entropy import token_entropy
+from .entropy import LOW_ENTROPY, token_entropy
 from .selection import forking_mask
 
 PERCENTILES = (50, 80, 90, 95, 99)
-LOW_ENTROPY = 0.01  # nats: "over half of the tokens have entropy below 0.01" in Qwen3-8B
 
 
 @dataclass

@@ -10,6 +10,8 @@ import torch
 
 # Rows per chunk are chosen so that one float32 chunk of logits takes about this many bytes.
 _CHUNK_BYTES = 64 * 2**20
+# nats: "over half of the tokens have entropy below 0.01" in Qwen3-8B (the paper); the entropy-pattern metrics use it
+LOW_ENTROPY = 0.01
 
 
 @torch.no_grad()

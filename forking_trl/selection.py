@@ -149,6 +149,32 @@ def forking_select(
     return _select_global(values, valid, all_valid, mode, ratio, selection, nonfinite, group)
 
 
+def percentiles(
+    values: torch.Tensor, mask: torch.Tensor, qs: tuple[float, ...], *, group: dist.ProcessGroup | None = None
+) -> list[float]:
+    """Exact nearest-rank percentiles of the valid, finite values over all processes of `group`.
+
+    The q-th percentile is the ⌈q/100 · n⌉-th smallest of the n valid values (the smallest for q = 0), found by the
+    same radix select as the selection: about 8 KiB communicated per percentile whatever n or the world size, the
+    same answer on every process. NaN for every q when no process has a valid value.
+    """
+    for q in qs:
+        if not 0 <= q <= 100:
+            raise ValueError(f"percentiles must be in [0, 100]; got {q!r}.")
+    values = values.detach().float()
+    valid = mask.bool() & torch.isfinite(values)
+    keys = _order_keys(values[valid])  # (n_local,)
+    n = int(_all_reduce(_count(keys.numel(), keys.device), group).item())
+    if n == 0:
+        return [math.nan] * len(qs)
+    out = []
+    for q in qs:
+        k_smallest = max(1, math.ceil(q / 100 * n - _CEIL_SLACK))
+        key, _, _ = _kth_largest(keys, n - k_smallest + 1, group)
+        out.append(_key_to_float(key))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # per sequence: a stable sort per row (rows are at most a few tens of thousands of tokens)
 

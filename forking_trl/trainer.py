@@ -40,10 +40,12 @@ from trl.trainer.grpo_trainer import RepeatSampler
 
 from .config import SEQUENCE_MEAN_LOSSES, ForkingGRPOConfig
 from .dynamic_sampling import fill_groups, group_rows, informative_groups, stack_rows, take_groups
-from .selection import ForkingSelection, forking_select
+from .entropy import LOW_ENTROPY
+from .selection import ForkingSelection, forking_select, percentiles
 
 logger = logging.getLogger(__name__)
 
+ENTROPY_PERCENTILES = (50, 80, 95)  # logged as entropy/p50, ... (nearest rank, all valid tokens of all processes)
 FORKING_STATE_NAME = "forking_state.json"  # in each checkpoint: the forking fields of the run that saved it
 
 
@@ -55,8 +57,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
     `top_entropy_quantile < 1` becomes `forking_ratio`.
 
     Metrics (averaged by TRL's `log`): `forking/threshold`, `forking/kept_fraction`, `forking/entropy_kept`,
-    `forking/entropy_dropped`, and `forking/nonfinite_tokens` when a valid token's entropy was NaN or inf. TRL's
-    own `entropy` metric stays the mean over all valid tokens. TRL's entropy bonus (`entropy_coef`,
+    `forking/entropy_dropped`, and `forking/nonfinite_tokens` when a valid token's entropy was NaN or inf; the
+    entropy pattern of all valid completion tokens of all processes, `entropy/p50`, `entropy/p80`, `entropy/p95`
+    (exact nearest-rank percentiles by radix select, about 8 KiB communicated each) and `entropy/share_below_0.01`,
+    from the entropies the selection already has. TRL's own `entropy` metric stays the mean over all valid tokens. TRL's entropy bonus (`entropy_coef`,
     `use_adaptive_entropy`, logged as `entropy_coef`) acts on the kept tokens only, and its adaptive controller
     measures their entropy; the config refuses the combination unless `forking_kept_entropy_bonus=True`.
 
@@ -443,10 +447,17 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 torch.where(dropped, entropies, 0.0).sum(),
                 tau.sum() if tau.numel() else torch.zeros((), device=tau.device),
                 torch.tensor(float(tau.numel()), device=tau.device),
+                (valid & (entropies < LOW_ENTROPY)).sum().float(),
             ]
         ).to(self.accelerator.device)
-        kept, valid_n, h_kept, h_dropped, tau_sum, tau_n = self.accelerator.reduce(local, reduction="sum").tolist()
+        reduced = self.accelerator.reduce(local, reduction="sum").tolist()
+        kept, valid_n, h_kept, h_dropped, tau_sum, tau_n, low = reduced
         metrics = self._metrics[mode]
+        # the entropy pattern of all valid tokens of all processes, exact, constant communication (radix select)
+        group = dist.group.WORLD if self.accelerator.num_processes > 1 else None
+        for q, value in zip(ENTROPY_PERCENTILES, percentiles(entropies, valid, ENTROPY_PERCENTILES, group=group)):
+            metrics[f"entropy/p{q}"].append(value)
+        metrics[f"entropy/share_below_{LOW_ENTROPY}"].append(low / valid_n if valid_n else float("nan"))
         metrics["forking/kept_fraction"].append(kept / valid_n if valid_n else float("nan"))
         metrics["forking/entropy_kept"].append(h_kept / kept if kept else float("nan"))
         metrics["forking/entropy_dropped"].append(h_dropped / (valid_n - kept) if valid_n > kept else float("nan"))

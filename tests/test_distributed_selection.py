@@ -116,3 +116,26 @@ def test_bytes_on_the_wire_do_not_depend_on_token_count():
 
     small, large = bytes_for(1_000), bytes_for(1_000_000)
     assert small == large <= BYTES_LIMIT
+
+
+def percentile_worker(rank: int, world: int, port: int, results):
+    from forking_trl.selection import percentiles
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    values, mask = shards(world, seed=5)[rank]
+    results[rank] = percentiles(values, mask, (50, 80, 95), group=dist.group.WORLD)
+    dist.destroy_process_group()
+
+
+def test_percentiles_over_processes_equal_the_concatenation():
+    from forking_trl.selection import percentiles
+
+    world = 3
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(percentile_worker, args=(world, free_port(), results), nprocs=world, join=True)
+    parts = shards(world, seed=5)
+    values = torch.cat([v.flatten() for v, _ in parts])
+    mask = torch.cat([m.flatten() for _, m in parts])
+    expected = percentiles(values, mask, (50, 80, 95))
+    assert [results[r] for r in range(world)] == [expected] * world

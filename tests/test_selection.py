@@ -223,3 +223,37 @@ def test_exact_on_twenty_million_tokens():
     assert int(exact.mask.sum()) == k and exact.threshold.item() == expected_tau
     assert bool((values[exact.mask] >= expected_tau).all())
     assert int((exact.mask & (values > expected_tau)).sum()) == int((valid > expected_tau).sum())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exact percentiles (the training-time entropy pattern metrics)
+
+
+def nearest_rank(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q / 100 * len(ordered) - 1e-6)) - 1]
+
+
+def test_percentiles_with_padding_ties_and_nan():
+    from forking_trl.selection import percentiles
+
+    values = torch.tensor([[0.0, 0.0, 0.5, 0.5, 2.0, float("nan")], [1.0, 0.5, 3.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])  # padding holds 9.0: never counted
+    valid = [0.0, 0.0, 0.5, 0.5, 2.0, 1.0, 0.5, 3.0]  # the NaN is left out too
+    qs = (0, 10, 50, 80, 95, 100)
+    assert percentiles(values, mask, qs) == [nearest_rank(valid, q) for q in qs]
+    assert percentiles(values, mask, (50,)) == [0.5]  # ties: the 4th smallest of 8 is a tied 0.5
+    assert all(math.isnan(x) for x in percentiles(values, torch.zeros_like(mask), (50, 80)))
+    with pytest.raises(ValueError, match="percentiles must be in"):
+        percentiles(values, mask, (101,))
+
+
+def test_percentiles_on_many_random_values_match_a_sort():
+    from forking_trl.selection import percentiles
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.rand(64, 257, generator=g) ** 4  # skewed towards 0, like entropies
+    mask = torch.rand(64, 257, generator=g) < 0.7
+    kept = values[mask].tolist()
+    qs = (50, 80, 95)
+    assert percentiles(values, mask, qs) == [torch.tensor(nearest_rank(kept, q)).item() for q in qs]

@@ -312,3 +312,19 @@ def test_resume_records_fields_warns_on_change_and_restores_the_generator(tiny_m
     with caplog.at_level("WARNING", logger="forking_trl.trainer"):
         other._restore_forking_state(str(checkpoint))
     assert "were not checked" in caplog.text
+
+
+def test_training_logs_the_entropy_pattern_of_all_valid_tokens(make_trainer):
+    from forking_trl.selection import percentiles
+
+    trainer = make_trainer()
+    trainer.model.train()
+    entropies = torch.tensor([[0.001, 0.002, 0.5, 2.0], [0.005, 3.0, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    trainer._select_and_record(entropies, mask, None)
+    metrics = trainer._metrics["train"]
+    valid = [0.001, 0.002, 0.5, 2.0, 0.005, 3.0]  # padding (7.0) is not counted
+    assert metrics["entropy/share_below_0.01"] == [3 / 6]
+    assert [metrics[f"entropy/p{q}"][0] for q in (50, 80, 95)] == percentiles(entropies, mask, (50, 80, 95))
+    assert metrics["entropy/p50"] == [pytest.approx(0.005)] and metrics["entropy/p95"] == [pytest.approx(3.0)]
+    assert sorted(valid)[2] == pytest.approx(metrics["entropy/p50"][0])
