@@ -1,0 +1,115 @@
+"""Held-out accuracy of a causal LM on math prompts: greedy and sampled avg@k, with the verifiable reward.
+
+One implementation for `examples/evaluate.py`, the ablation (`forking_trl.ablation`) and the demo. Generation is
+transformers `generate` (batched, left-padded); the reward is `forking_trl.rewards.accuracy_reward`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .analysis import _prompt_texts, _strip_after_eos
+from .rewards import accuracy_reward
+
+
+@dataclass
+class Evaluation:
+    """Accuracy on a held-out set, and the sampled completions (for entropy patterns and overlap)."""
+
+    greedy: float  # share of problems solved by the greedy completion
+    sampled: float  # avg@k: mean reward over k samples per problem at `temperature`
+    k: int
+    num_problems: int
+    samples: list[tuple[str, list[int]]] = field(default_factory=list, repr=False)  # (prompt text, completion ids)
+    texts: list[str] = field(default_factory=list, repr=False)  # decoded sampled completions, aligned with samples
+
+    def as_dict(self) -> dict:
+        return {"greedy": self.greedy, "sampled": self.sampled, "k": self.k, "num_problems": self.num_problems}
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list,
+    *,
+    num_return_sequences: int = 1,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+    progress=None,
+) -> list[list[list[int]]]:
+    """Completion token ids (up to EOS), `num_return_sequences` per prompt: `[prompt][sample] -> ids`."""
+    texts = _prompt_texts(tokenizer, prompts)
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    out: list[list[list[int]]] = []
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = texts[start : start + batch_size]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            sampling = {} if greedy else {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+            generated = model.generate(
+                **enc,
+                **({"do_sample": False} if greedy else sampling),
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=1 if greedy else num_return_sequences,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # (len(batch) * n, prompt + new)
+            ids = generated[:, enc.input_ids.shape[1] :].tolist()
+            n = 1 if greedy else num_return_sequences
+            out.extend([_strip_after_eos(x, tokenizer) for x in ids[i * n : (i + 1) * n]] for i in range(len(batch)))
+            if progress is not None:
+                progress.update(len(batch))
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def evaluate(
+    model,
+    tokenizer,
+    rows: list[dict],
+    *,
+    k: int = 4,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+) -> Evaluation:
+    """Greedy accuracy and sampled avg@k on `rows` (`prompt` + `solution`); keeps the first sample of each problem."""
+    was_training = model.training
+    model.eval()
+    prompts, golds = [r["prompt"] for r in rows], [r["solution"] for r in rows]
+    greedy_ids = generate(model, tokenizer, prompts, greedy=True, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    sampled_ids = generate(
+        model,
+        tokenizer,
+        prompts,
+        num_return_sequences=k,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=max(1, batch_size // k),
+    )
+    model.train(was_training)
+    greedy_text = [tokenizer.decode(g[0], skip_special_tokens=True) for g in greedy_ids]
+    greedy = _mean(accuracy_reward(greedy_text, golds))
+    sampled_text = [[tokenizer.decode(s, skip_special_tokens=True) for s in group] for group in sampled_ids]
+    flat = [t for group in sampled_text for t in group]
+    sampled = _mean(accuracy_reward(flat, [g for g in golds for _ in range(k)]))
+    prompt_texts = _prompt_texts(tokenizer, prompts)
+    return Evaluation(
+        greedy=greedy,
+        sampled=sampled,
+        k=k,
+        num_problems=len(rows),
+        samples=[(p, group[0]) for p, group in zip(prompt_texts, sampled_ids, strict=True)],
+        texts=[group[0] for group in sampled_text],
+    )
+
+
+def _mean(rewards: list[float | None]) -> float:
+    scored = [r for r in rewards if r is not None]
+    return sum(scored) / len(scored) if scored else float("nan")
