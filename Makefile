@@ -34,7 +34,7 @@ endif
 endif
 endif
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench ablation
 
 install: $(STAMP)
 
@@ -66,3 +66,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_selection.py
 	$(PY) benchmarks/bench_entropy.py
 	$(PY) benchmarks/bench_step.py
+
+# the paper's findings in miniature (about 15 minutes on 2 CPU cores): writes outputs/ablation/results.md and plots
+ablation: $(STAMP)
+	$(PY) examples/ablation.py --config examples/recipes/ablation_cpu.yaml --output_dir outputs/ablation

@@ -1,0 +1,544 @@
+"""The paper's three findings in miniature: entropy pattern, overlap after RL, and the token-selection ablation.
+
+`examples/ablation.py` is the command; this module does the work, so that a test can call each piece.
+
+1. One start model: the tiny offline Qwen3 warm-started on `synthetic_chain` (or any model path). Its held-out
+   accuracy (greedy and sampled avg@k) and the entropy pattern of its sampled completions (finding 1).
+2. Every arm from that start, identical but for the forking fields: `all`, `top` 0.2, `bottom` 0.8, `random` 0.2,
+   each over several seeds; each run in its own process (one torch thread each, `parallel` at a time).
+3. Each trained model: held-out accuracy, the entropy pattern of its own completions, and the overlap of its top-20%
+   entropy positions with the start model's on the start model's completions (teacher forced; finding 2).
+4. `results.json`, `results.md`, `accuracy.png`, `entropy_training.png`, `start_entropy_histogram.png`,
+   `start_tokens.html`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# (forking_mode, forking_ratio) of each arm; `random` keeps as many tokens as `top`
+ARMS = {"all": ("all", 1.0), "top": ("top", 0.2), "bottom": ("bottom", 0.8), "random": ("random", 0.2)}
+TRACKED = ("reward", "entropy", "entropy/p50", "entropy/p80", "entropy/p95", "entropy/share_below_0.01")
+
+
+@dataclass
+class AblationArguments:
+    """What the ablation compares and how it measures; the GRPO settings are the `ForkingGRPOConfig` fields."""
+
+    arms: list[str] = field(
+        default_factory=lambda: list(ARMS),
+        metadata={
+            "help": f"Arms to train, any of {', '.join(ARMS)} (all: every token; top 0.2; bottom 0.8; random 0.2)."
+        },
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "GRPO seeds of every arm."})
+    task: str = field(
+        default="chain",
+        metadata={
+            "help": "Training data: 'chain' (synthetic two-step +/- arithmetic with a worked chain, the CPU "
+            "miniature) or a dataset for forking_trl.data.load_math_dataset (bundled name or file)."
+        },
+    )
+    eval_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Held-out set for a dataset task (bundled name or file); 'chain' makes its own."},
+    )
+    num_train: int = field(default=20000, metadata={"help": "Training problems (chain task; a cap otherwise)."})
+    num_eval: int = field(default=200, metadata={"help": "Held-out problems (never in the training set)."})
+    eval_k: int = field(default=4, metadata={"help": "Samples per held-out problem for sampled avg@k (T = 1)."})
+    eval_max_new_tokens: int = field(default=40, metadata={"help": "Completion length at evaluation."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Prompts per generate call at evaluation."})
+    max_operand: int = field(default=20, metadata={"help": "Chain task: operands from 0 to this."})
+    start_model: str | None = field(
+        default=None,
+        metadata={"help": "Start model path or Hub id; None builds the tiny Qwen3 and warm-starts it on the task."},
+    )
+    tiny_hidden_size: int = field(default=128, metadata={"help": "Tiny start model: hidden size."})
+    tiny_num_layers: int = field(default=2, metadata={"help": "Tiny start model: layers."})
+    sft_steps: int = field(default=800, metadata={"help": "Tiny start model: supervised warm-start steps."})
+    sft_learning_rate: float = field(default=3e-3, metadata={"help": "Tiny start model: warm-start learning rate."})
+    sft_batch_size: int = field(default=32, metadata={"help": "Tiny start model: warm-start batch size."})
+    parallel: int = field(default=2, metadata={"help": "Runs trained at the same time, one process each."})
+    threads_per_run: int = field(default=1, metadata={"help": "torch threads of each run's process."})
+    quick: bool = field(
+        default=False,
+        metadata={"help": "Every stage on a small setting (under a minute on 2 CPU cores): a smoke test."},
+    )
+
+    def __post_init__(self):
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown or not self.arms:
+            raise ValueError(f"arms must be a non-empty list of {', '.join(ARMS)}; got {self.arms!r}.")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed.")
+        for name in ("num_train", "num_eval", "eval_k", "eval_max_new_tokens", "parallel", "threads_per_run"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)!r}.")
+        if self.task != "chain" and self.eval_dataset is None:
+            raise ValueError(f"task={self.task!r} needs eval_dataset (a bundled name or file held out from it).")
+        if self.quick:  # every stage, small
+            self.seeds, self.num_train, self.num_eval, self.eval_k = self.seeds[:1], 2000, 24, 2
+            self.sft_steps = min(self.sft_steps, 60)
+
+
+# --quick: GRPO flags appended to the command line (flags override the YAML)
+QUICK_FLAGS = ["--max_steps", "3", "--per_device_train_batch_size", "16", "--num_generations", "4"]
+
+
+def make_parser():
+    """`TrlParser` over the ablation's arguments and `ForkingGRPOConfig` (`--config recipe.yaml`; flags override)."""
+    from trl import TrlParser
+
+    from .config import ForkingGRPOConfig
+
+    return TrlParser((AblationArguments, ForkingGRPOConfig))
+
+
+def run_flags(argv: list[str], quick: bool, arm: str, seed: int, output_dir: Path) -> list[str]:
+    """The command line of one run: the experiment's, then what differs between runs (flags override the YAML)."""
+    mode, ratio = ARMS[arm]
+    return [
+        *argv,
+        *(QUICK_FLAGS if quick else []),
+        *("--forking_mode", mode, "--forking_ratio", str(ratio), "--seed", str(seed)),
+        *("--output_dir", str(output_dir), "--save_strategy", "no", "--report_to", "none"),
+        *("--disable_tqdm", "true", "--forking_log_top_tokens", "0"),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# data and the start model
+
+
+def task_data(ab: AblationArguments) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows), each `prompt` + `solution`; held-out problems never appear in training."""
+    from .data import load_math_dataset, synthetic_chain
+
+    if ab.task == "chain":
+        train = synthetic_chain(ab.num_train, seed=1, max_operand=ab.max_operand)
+        seen = {r["prompt"][0]["content"] for r in train}
+        pool = synthetic_chain(20 * ab.num_eval, seed=2, max_operand=ab.max_operand)
+        held = [r for r in pool if r["prompt"][0]["content"] not in seen][: ab.num_eval]
+        return train, held
+    train = list(load_math_dataset(ab.task, limit=ab.num_train))
+    held = list(load_math_dataset(ab.eval_dataset, limit=ab.num_eval, seed=1))
+    return train, held
+
+
+def sft_warm_start(base: Path, out: Path, rows: list[dict], *, steps: int, lr: float, batch_size: int, seed: int):
+    """Supervised warm start on worked solutions (loss on the completion tokens only); reused when `out` exists."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    pad = tokenizer.pad_token_id
+    for step in tqdm(range(steps), desc="warm start (SFT)"):
+        ids, labels = [], []
+        for row in rows[(step * batch_size) % len(rows) :][:batch_size]:
+            prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+            p = tokenizer(prompt, add_special_tokens=False).input_ids
+            c = tokenizer(row["completion"] + tokenizer.eos_token, add_special_tokens=False).input_ids
+            ids.append(p + c)
+            labels.append([-100] * len(p) + c)
+        width = max(map(len, ids))
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])  # (B, L) right-padded
+        label_ids = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
+        attention = (torch.arange(width)[None] < torch.tensor([len(x) for x in ids])[:, None]).long()
+        model(input_ids=input_ids, attention_mask=attention, labels=label_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
+    if ab.start_model is not None:
+        return ab.start_model
+    from .tiny import build_tiny_model
+
+    base = build_tiny_model(out / "start-base", hidden_size=ab.tiny_hidden_size, num_layers=ab.tiny_num_layers)
+    return str(
+        sft_warm_start(
+            base,
+            out / "start-model",
+            train,
+            steps=ab.sft_steps,
+            lr=ab.sft_learning_rate,
+            batch_size=ab.sft_batch_size,
+            seed=0,
+        )
+    )
+
+
+def measure(model_path: str, ab: AblationArguments, held: list[dict], start_samples=None, start_scored=None) -> dict:
+    """Held-out accuracy and entropy pattern of a model; with the start model's samples and entropies, the overlap
+    of its top-20% positions with the start model's (teacher forced on the start model's completions)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .analysis import entropy_summary, overlap_summary, score_entropies
+    from .evaluation import evaluate
+
+    torch.manual_seed(1234)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").to(device).eval()
+    ev = evaluate(
+        model, tokenizer, held, k=ab.eval_k, max_new_tokens=ab.eval_max_new_tokens, batch_size=ab.eval_batch_size
+    )
+    scored = score_entropies(model, tokenizer, ev.samples, batch_size=ab.eval_batch_size)
+    summary = entropy_summary(scored)
+    result = {
+        "accuracy": ev.as_dict(),
+        "entropy": {key: summary[key] for key in ("num_tokens", "mean_entropy", "percentiles", "share_below_0.01")},
+    }
+    if start_samples is not None:
+        on_start = score_entropies(model, tokenizer, start_samples, batch_size=ab.eval_batch_size)
+        overlap = overlap_summary(start_scored, on_start, ratio=0.2)
+        result["overlap"] = {key: overlap[key] for key in ("overlap", "spearman", "num_tokens")}
+    return result, ev, scored
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# one run (in its own process)
+
+
+def run_arm(spec: dict) -> dict:
+    """Train one (arm, seed) from the start model and measure it; `spec` as written by `run_ablation`."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from .analysis import ScoredCompletion
+    from .rewards import accuracy_reward
+    from .trainer import ForkingGRPOTrainer
+
+    torch.set_num_threads(spec["threads"])
+    ab, args = make_parser().parse_args_and_config(spec["argv"])
+    train, held = task_data(ab)
+    history: list[dict] = []
+
+    class Record(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "reward" in logs:
+                history.append({"step": state.global_step, **{k: logs[k] for k in TRACKED if k in logs}})
+
+    started = time.time()
+    trainer = ForkingGRPOTrainer(
+        spec["start_model"],
+        accuracy_reward,
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": r["prompt"], "solution": r["solution"]} for r in train]),
+        processing_class=AutoTokenizer.from_pretrained(spec["start_model"]),
+        callbacks=[Record()],
+    )
+    trainer.train()
+    final = Path(spec["output_dir"]) / "final"
+    trainer.save_model(str(final))
+    train_seconds = time.time() - started
+    start = json.loads(Path(spec["start_file"]).read_text())
+    start_samples = [tuple(s) for s in start["samples"]]
+    start_scored = [ScoredCompletion(**s) for s in start["scored"]]
+    result, _, _ = measure(str(final), ab, held, start_samples, start_scored)
+    result.update(arm=spec["arm"], seed=spec["seed"], history=history, train_seconds=round(train_seconds, 1))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the whole experiment
+
+
+def run_ablation(argv: list[str]) -> dict:
+    """Run every stage of the experiment given by a command line (`--config recipe.yaml`, flags, `--output_dir`)."""
+    from tqdm.auto import tqdm
+
+    from .analysis import plot_histogram, write_html
+
+    started = time.time()
+    ab, training_args = make_parser().parse_args_and_config(argv)
+    out = Path(training_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train, held = task_data(ab)
+    model_path = start_model(ab, out, train)
+    print(f"start model: {model_path}; measuring it on {len(held)} held-out problems", flush=True)
+    start, ev, scored = measure(model_path, ab, held)
+    summary = {**start["entropy"], "top_ratio": 0.2}
+    plot_histogram(scored, {**summary, "top_threshold": _top_threshold(scored)}, out / "start_entropy_histogram.png")
+    write_html(scored, {**summary, "top_threshold": _top_threshold(scored)}, out / "start_tokens.html", 12)
+    start_file = out / "start.json"
+    start_file.write_text(
+        json.dumps({"samples": ev.samples, "scored": [dataclasses.asdict(s) for s in scored]}, ensure_ascii=False)
+    )
+    print(_start_line(start), flush=True)
+
+    runs = [(arm, seed) for seed in ab.seeds for arm in ab.arms]  # seed-major: early results cover every arm
+    results: dict[str, list[dict]] = {arm: [] for arm in ab.arms}
+    pending: list[tuple[str, int, subprocess.Popen, Path]] = []
+    bar = tqdm(total=len(runs), desc="runs (arm x seed)")
+    queue = list(runs)
+    while queue or pending:
+        while queue and len(pending) < ab.parallel:
+            arm, seed = queue.pop(0)
+            pending.append((arm, seed, *_launch(arm, seed, ab, argv, out, model_path, start_file)))
+        time.sleep(0.5)
+        for item in list(pending):
+            arm, seed, process, result_file = item
+            if process.poll() is None:
+                continue
+            pending.remove(item)
+            if process.returncode != 0:
+                for _, _, other, _ in pending:
+                    other.kill()
+                log = (out / "runs" / f"{arm}-seed{seed}" / "log.txt").read_text()[-3000:]
+                raise RuntimeError(f"run {arm} seed {seed} failed (exit {process.returncode}):\n{log}")
+            result = json.loads(result_file.read_text())
+            results[arm].append(result)
+            bar.update(1)
+            acc = result["accuracy"]
+            bar.write(
+                f"{arm:>6} seed {seed}: greedy {100 * acc['greedy']:5.1f}%  avg@{acc['k']} "
+                f"{100 * acc['sampled']:5.1f}%  overlap {100 * result['overlap']['overlap']:5.1f}%  "
+                f"({result['train_seconds']:.0f} s)"
+            )
+    bar.close()
+    report = {
+        "command": "python examples/ablation.py " + " ".join(argv),
+        "ablation": dataclasses.asdict(ab),
+        "training": {
+            k: getattr(training_args, k)
+            for k in ("learning_rate", "max_steps", "per_device_train_batch_size", "num_generations", "loss_type")
+            + ("beta", "epsilon", "epsilon_high", "temperature", "max_completion_length", "generation_batch_size")
+        },
+        "start": start,
+        "arms": {arm: _arm_summary(results[arm]) for arm in ab.arms},
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    write_results(report, out)
+    return {**report, "output_dir": str(out)}
+
+
+def _launch(arm, seed, ab, argv, out, model_path, start_file):
+    run_dir = out / "runs" / f"{arm}-seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "arm": arm,
+        "seed": seed,
+        "argv": run_flags(argv, ab.quick, arm, seed, run_dir),
+        "output_dir": str(run_dir),
+        "start_model": model_path,
+        "start_file": str(start_file),
+        "threads": ab.threads_per_run,
+    }
+    (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+    env = {**os.environ, "OMP_NUM_THREADS": str(ab.threads_per_run), "MKL_NUM_THREADS": str(ab.threads_per_run)}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    log = (run_dir / "log.txt").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "forking_trl.ablation", str(run_dir / "spec.json")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    return process, run_dir / "result.json"
+
+
+def _top_threshold(scored) -> float:
+    import torch
+
+    from .selection import forking_mask
+
+    values = torch.tensor([h for s in scored for h in s.entropies])
+    return float(values[forking_mask(values, torch.ones_like(values, dtype=torch.bool), ratio=0.2)].min())
+
+
+def _start_line(start: dict) -> str:
+    acc, ent = start["accuracy"], start["entropy"]
+    p = ent["percentiles"]
+    return (
+        f"start: greedy {100 * acc['greedy']:.1f}%, avg@{acc['k']} {100 * acc['sampled']:.1f}%; "
+        f"{100 * ent['share_below_0.01']:.1f}% of tokens below 0.01 nats; p50 {p['p50']:.3f}, p80 {p['p80']:.3f}, "
+        f"p95 {p['p95']:.3f} nats"
+    )
+
+
+def _mean_std(values: list[float]) -> dict:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    mean = statistics.fmean(finite) if finite else math.nan
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(finite), "values": values}
+
+
+def _arm_summary(runs: list[dict]) -> dict:
+    runs = sorted(runs, key=lambda r: r["seed"])
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "greedy": _mean_std([r["accuracy"]["greedy"] for r in runs]),
+        "sampled": _mean_std([r["accuracy"]["sampled"] for r in runs]),
+        "overlap": _mean_std([r["overlap"]["overlap"] for r in runs]),
+        "final_entropy": {
+            "share_below_0.01": _mean_std([r["entropy"]["share_below_0.01"] for r in runs]),
+            **{q: _mean_std([r["entropy"]["percentiles"][q] for r in runs]) for q in ("p50", "p80", "p95")},
+        },
+        "runs": runs,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# outputs: plain functions of the report (a test calls them on a small one)
+
+
+def write_results(report: dict, out: Path) -> None:
+    """results.json, results.md, accuracy.png and entropy_training.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(results_markdown(report))
+    plot_accuracy(report, out / "accuracy.png")
+    plot_entropy_training(report, out / "entropy_training.png")
+
+
+def _pct(stat: dict) -> str:
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def results_markdown(report: dict) -> str:
+    start, arms = report["start"], report["arms"]
+    n_seeds = max(a["greedy"]["n"] for a in arms.values())
+    lines = [
+        "# Forking-token ablation",
+        "",
+        f"Command: `{report['command']}`; {report.get('wall_seconds', 0) / 60:.1f} min.",
+        "",
+        _start_line(start) + ".",
+        "",
+        f"Held-out accuracy after training, mean ± standard deviation over {n_seeds} seed(s); gain in points over the "
+        "start model. Overlap: share of the start model's top-20% entropy positions that are top-20% for the trained "
+        "model on the same completions.",
+        "",
+        f"| arm | greedy % | gain | avg@{start['accuracy']['k']} % | gain | overlap % | tokens < 0.01 nats after % |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arm, a in arms.items():
+        g, s = a["greedy"], a["sampled"]
+        lines.append(
+            f"| {arm} | {_pct(g)} | {100 * (g['mean'] - start['accuracy']['greedy']):+.1f} | {_pct(s)} | "
+            f"{100 * (s['mean'] - start['accuracy']['sampled']):+.1f} | {_pct(a['overlap'])} | "
+            f"{_pct(a['final_entropy']['share_below_0.01'])} |"
+        )
+    lines += ["", *verdicts(report), ""]
+    return "\n".join(lines)
+
+
+def verdicts(report: dict) -> list[str]:
+    """Plain sentences: does each arm differ from `all` by more than the seed spread (two standard errors)?"""
+    arms = report["arms"]
+    if "all" not in arms:
+        return ["No `all` arm to compare with."]
+    base = arms["all"]["sampled"]
+    out = []
+    for arm, a in arms.items():
+        if arm == "all":
+            continue
+        s = a["sampled"]
+        diff = s["mean"] - base["mean"]
+        if min(s["n"], base["n"]) < 2:
+            out.append(f"- {arm} vs all: {100 * diff:+.1f} points avg@k; one seed each, so no spread to judge it by.")
+            continue
+        se = math.sqrt(s["std"] ** 2 / s["n"] + base["std"] ** 2 / base["n"])
+        real = abs(diff) > 2 * se
+        out.append(
+            f"- {arm} vs all: {100 * diff:+.1f} points avg@k (two standard errors: {200 * se:.1f}); "
+            + ("the difference exceeds the seed spread." if real else "within the seed spread: not a real difference.")
+        )
+    return out
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(report: dict, path: Path) -> None:
+    """Held-out accuracy per arm: each seed a dot, the mean a bar with ± std, the start model a line."""
+    plt = _pyplot()
+    arms, start = report["arms"], report["start"]["accuracy"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, title in ((axes[0], "greedy", "greedy"), (axes[1], "sampled", f"avg@{start['k']} at T = 1")):
+        for i, (arm, a) in enumerate(arms.items()):
+            stat = a[key]
+            ax.bar(i, 100 * stat["mean"], yerr=100 * stat["std"], color=f"C{i}", alpha=0.5, capsize=4)
+            values = [100 * v for v in stat["values"] if v is not None]
+            ax.scatter([i] * len(values), values, color=f"C{i}", zorder=3, s=14)
+        ax.axhline(100 * start[key], color="gray", linestyle="--", linewidth=1, label="start model")
+        ax.set_xticks(range(len(arms)), list(arms))
+        ax.set(title=f"Held-out accuracy, {title}", ylabel="% correct")
+        ax.legend(loc="lower right")
+    fig.suptitle("Policy gradient on which tokens? (dots: seeds; bars: mean ± std)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _rolling(values: list[float], window: int = 10) -> list[float]:
+    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+def plot_entropy_training(report: dict, path: Path) -> None:
+    """Entropy over training per arm (mean over seeds, band: min to max): mean, p80, and share below 0.01 nats."""
+    plt = _pyplot()
+    panels = (
+        ("entropy", "mean entropy (nats)"),
+        ("entropy/p80", "p80 entropy (nats)"),
+        ("entropy/share_below_0.01", "share of tokens < 0.01 nats"),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for i, (arm, a) in enumerate(report["arms"].items()):
+        for ax, (key, label) in zip(axes, panels):
+            series = [[h[key] for h in r["history"] if key in h] for r in a["runs"]]
+            series = [s for s in series if s]
+            if not series:
+                continue
+            length = min(map(len, series))
+            steps = [h["step"] for h in a["runs"][0]["history"]][:length]
+            rows = [s[:length] for s in series]
+            rows = [_rolling(r) for r in rows]  # (seeds, steps), each a rolling mean over 10 steps
+            mean = [statistics.fmean(col) for col in zip(*rows)]
+            ax.plot(steps, mean, color=f"C{i}", label=arm)
+            low, high = [min(c) for c in zip(*rows)], [max(c) for c in zip(*rows)]
+            ax.fill_between(steps, low, high, color=f"C{i}", alpha=0.15)
+            ax.set(xlabel="optimizer step", ylabel=label)
+    axes[0].legend()
+    fig.suptitle(
+        "Entropy of all completion tokens during training (rolling mean of 10 steps; line: mean over seeds; "
+        "band: min to max)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # one run: python -m forking_trl.ablation SPEC.json (started by run_ablation)
+    spec_path = Path(sys.argv[1])
+    outcome = run_arm(json.loads(spec_path.read_text()))
+    (spec_path.parent / "result.json").write_text(json.dumps(outcome))

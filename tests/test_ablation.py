@@ -1,0 +1,145 @@
+"""The ablation runner: argument checks, the result writers on a small hand-made report, and --quick end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from forking_trl.ablation import AblationArguments, make_parser, results_markdown, run_flags, verdicts, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bad_arguments_name_the_field():
+    with pytest.raises(ValueError, match="arms must be a non-empty list of all, top, bottom, random"):
+        AblationArguments(arms=["top", "middle"])
+    with pytest.raises(ValueError, match="eval_dataset"):
+        AblationArguments(task="gsm8k_train")
+    with pytest.raises(ValueError, match="num_eval must be >= 1"):
+        AblationArguments(num_eval=0)
+
+
+def test_each_run_differs_only_in_the_forking_fields_seed_and_directory(tmp_path):
+    argv = [
+        "--config",
+        str(ROOT / "examples/recipes/ablation_cpu.yaml"),
+        "--output_dir",
+        "x",
+        "--learning_rate",
+        "2e-4",
+    ]
+    parsed = {}
+    for arm in ("all", "top", "bottom", "random"):
+        _, args = make_parser().parse_args_and_config(run_flags(argv, False, arm, 3, tmp_path / arm))
+        parsed[arm] = args
+        assert args.seed == 3 and args.output_dir == str(tmp_path / arm) and args.learning_rate == 2e-4
+    assert [(a.forking_mode, a.forking_ratio) for a in parsed.values()] == [
+        ("all", 1.0),
+        ("top", 0.2),
+        ("bottom", 0.8),
+        ("random", 0.2),
+    ]
+    assert {(a.loss_type, a.beta, a.num_generations, a.max_steps) for a in parsed.values()} == {("dapo", 0.0, 8, 200)}
+
+
+def small_report(values: dict[str, list[float]]) -> dict:
+    def stat(xs):
+        import statistics
+
+        return {
+            "mean": statistics.fmean(xs),
+            "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "n": len(xs),
+            "values": xs,
+        }
+
+    start = {
+        "accuracy": {"greedy": 0.3, "sampled": 0.25, "k": 4, "num_problems": 10},
+        "entropy": {"share_below_0.01": 0.6, "percentiles": {"p50": 0.001, "p80": 0.07, "p95": 0.9}},
+    }
+    arms = {}
+    for arm, xs in values.items():
+        runs = [
+            {
+                "seed": i,
+                "history": [
+                    {"step": s, "entropy": 0.2 - 0.01 * s, "entropy/p80": 0.1, "entropy/share_below_0.01": 0.6}
+                    for s in (1, 2, 3)
+                ],
+            }
+            for i in range(len(xs))
+        ]
+        arms[arm] = {
+            "greedy": stat(xs),
+            "sampled": stat(xs),
+            "overlap": stat([0.9] * len(xs)),
+            "final_entropy": {"share_below_0.01": stat([0.7] * len(xs))},
+            "runs": runs,
+        }
+    return {"command": "python examples/ablation.py ...", "start": start, "arms": arms, "wall_seconds": 60}
+
+
+def test_verdicts_compare_with_the_seed_spread():
+    report = small_report({"all": [0.50, 0.52, 0.48], "top": [0.51, 0.49, 0.50], "bottom": [0.30, 0.31, 0.29]})
+    top, bottom = verdicts(report)
+    assert top.startswith("- top vs all: +0.0 points") and "within the seed spread" in top
+    assert bottom.startswith("- bottom vs all: -20.0 points") and "exceeds the seed spread" in bottom
+
+
+def test_writers_make_every_file(tmp_path):
+    report = small_report({"all": [0.5, 0.6], "top": [0.55, 0.5], "bottom": [0.3, 0.35], "random": [0.4, 0.45]})
+    write_results(report, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["arms"]["top"]["greedy"]["n"] == 2
+    table = (tmp_path / "results.md").read_text()
+    assert "| top | 52.5 ± 3.5 | +22.5 |" in table and "| bottom |" in table and results_markdown(report) == table
+    for png in ("accuracy.png", "entropy_training.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_quick_runs_every_stage_end_to_end(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "examples/ablation.py", "--config", "examples/recipes/ablation_cpu.yaml"]
+    done = subprocess.run(
+        [*cmd, "--output_dir", str(tmp_path), "--quick", "true"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert {"greedy", "sampled", "k"} <= set(report["start"]["accuracy"])
+    assert "share_below_0.01" in report["start"]["entropy"] and "p80" in report["start"]["entropy"]["percentiles"]
+    assert set(report["arms"]) == {"all", "top", "bottom", "random"}
+    for arm in report["arms"].values():
+        assert arm["seeds"] == [0]
+        run = arm["runs"][0]
+        assert 0 <= run["overlap"]["overlap"] <= 1 and run["history"]
+        assert {"entropy/p50", "entropy/p80", "entropy/p95", "entropy/share_below_0.01"} <= set(run["history"][-1])
+        assert {"p50", "p80", "p95"} <= set(arm["final_entropy"])
+    for name in (
+        "results.md",
+        "accuracy.png",
+        "entropy_training.png",
+        "start_entropy_histogram.png",
+        "start_tokens.html",
+    ):
+        assert (tmp_path / name).stat().st_size > 500, name
+    assert "| top |" in (tmp_path / "results.md").read_text()
+
+
+def test_real_model_recipe_parses_through_the_same_runner():
+    argv = ["--config", str(ROOT / "examples/recipes/ablation_qwen3_0.6b.yaml"), "--output_dir", "x"]
+    ab, args = make_parser().parse_args_and_config([*argv, "--use_cpu", "true", "--bf16", "false"])
+    assert ab.start_model == "Qwen/Qwen3-0.6B-Base" and ab.task == "gsm8k_train" and ab.eval_dataset == "math500"
+    assert ab.arms == ["all", "top", "bottom", "random"] and len(ab.seeds) >= 3
+    assert (args.loss_type, args.beta, args.epsilon_high, args.use_vllm) == ("dapo", 0.0, 0.28, True)
+    from forking_trl.ablation import task_data
+
+    train, held = task_data(ab)
+    assert len(train) == 7473 and len(held) == 500 and train[0]["solution"] and held[0]["solution"]
