@@ -8,7 +8,8 @@ The paper's decoding experiment (higher temperature on forking tokens) is one fl
     python examples/evaluate.py --model M --forking_threshold 0.672 --high_temperature 1.2 --low_temperature 1.0
 
 Generation uses vLLM when it is installed and no forking temperature is asked for, transformers `generate` otherwise.
-The reward is forking_trl's `accuracy_reward`. Writes a JSON file and prints a table.
+The reward is forking_trl's `accuracy_reward`; transformers generation is `forking_trl.evaluation.generate`, shared
+with the ablation. Writes a JSON file and prints a table.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def transformers_generator(model_path, args):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
     from forking_trl import ForkingTemperatureLogitsProcessor
+    from forking_trl.evaluation import generate as forking_generate
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
     if tokenizer.pad_token is None:
@@ -48,25 +50,20 @@ def transformers_generator(model_path, args):
         temperature = 1.0  # the processor applies the temperatures
 
     def generate(prompts):
-        outputs = []
-        for start in tqdm(range(0, len(prompts), args.batch_size), desc="generate"):
-            batch = prompts[start : start + args.batch_size]
-            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in batch]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc,
-                    do_sample=True,
-                    temperature=temperature,
-                    top_p=args.top_p,
-                    max_new_tokens=args.max_new_tokens,
-                    num_return_sequences=args.k,
-                    logits_processor=processors,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            completions = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
-            outputs.extend(completions[i * args.k : (i + 1) * args.k] for i in range(len(batch)))
-        return outputs
+        with tqdm(total=len(prompts), desc="generate") as bar:
+            ids = forking_generate(
+                model,
+                tokenizer,
+                prompts,
+                num_return_sequences=args.k,
+                temperature=temperature,
+                top_p=args.top_p,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+                logits_processor=processors,
+                progress=bar,
+            )
+        return [[tokenizer.decode(x, skip_special_tokens=True) for x in group] for group in ids]
 
     return generate
 

@@ -38,11 +38,16 @@ def generate(
     num_return_sequences: int = 1,
     greedy: bool = False,
     temperature: float = 1.0,
+    top_p: float = 1.0,
     max_new_tokens: int = 64,
     batch_size: int = 64,
+    logits_processor=None,
     progress=None,
 ) -> list[list[list[int]]]:
-    """Completion token ids (up to EOS), `num_return_sequences` per prompt: `[prompt][sample] -> ids`."""
+    """Completion token ids (up to EOS), `num_return_sequences` per prompt: `[prompt][sample] -> ids`.
+
+    `logits_processor`: e.g. a `LogitsProcessorList` with `ForkingTemperatureLogitsProcessor` (the paper's decoding
+    experiment)."""
     texts = _prompt_texts(tokenizer, prompts)
     device = next(model.parameters()).device
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -51,13 +56,14 @@ def generate(
         for start in range(0, len(texts), batch_size):
             batch = texts[start : start + batch_size]
             enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            sampling = {} if greedy else {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
             generated = model.generate(
                 **enc,
                 **({"do_sample": False} if greedy else sampling),
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=1 if greedy else num_return_sequences,
                 pad_token_id=tokenizer.pad_token_id,
+                logits_processor=logits_processor,
             )  # (len(batch) * n, prompt + new)
             ids = generated[:, enc.input_ids.shape[1] :].tolist()
             n = 1 if greedy else num_return_sequences

@@ -85,8 +85,13 @@ def small_report(values: dict[str, list[float]]) -> dict:
 def test_verdicts_compare_with_the_seed_spread():
     report = small_report({"all": [0.50, 0.52, 0.48], "top": [0.51, 0.49, 0.50], "bottom": [0.30, 0.31, 0.29]})
     top, bottom = verdicts(report)
-    assert top.startswith("- top vs all: +0.0 points") and "within the seed spread" in top
-    assert bottom.startswith("- bottom vs all: -20.0 points") and "exceeds the seed spread" in bottom
+    assert top.startswith("- top vs all: greedy +0.0 points") and top.count("within the seed spread") == 2
+    assert bottom.startswith("- bottom vs all: greedy -20.0 points") and bottom.count("exceeds the seed spread") == 2
+    one_seed = small_report({"all": [0.5], "top": [0.6]})
+    assert verdicts(one_seed) == [
+        "- top vs all: greedy +10.0 points (one seed: no spread to judge it by); avg@k +10.0 points (one seed: no "
+        "spread to judge it by)."
+    ]
 
 
 def test_writers_make_every_file(tmp_path):

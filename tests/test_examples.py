@@ -80,10 +80,15 @@ def test_demo_script_grpo_script_and_evaluate_end_to_end(tmp_path):
     out = run(
         ["examples/demo.py", "--output_dir", str(tmp_path / "demo"), "--sft_steps", "5", "--grpo_steps", "2"], ROOT
     )
-    assert "forking_trl demo: mean reward" in out
+    # both arms from the same warm start, in the console and in summary.json; no per-step metric dicts printed
+    assert "top tokens: mean reward" in out and "all tokens: mean reward" in out
+    assert "{'loss'" not in out and "'reward':" not in out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["steps"] == 2 and 0 < summary["kept_fraction_mean"] < 0.5
+    assert summary["steps"] == 2 and set(summary["arms"]) == {"top", "all"}
+    assert 0 < summary["arms"]["top"]["kept_fraction_mean"] < 0.5 and summary["arms"]["all"]["kept_fraction_mean"] == 1
     assert (tmp_path / "demo" / "training.png").stat().st_size > 10_000
+    for arm in ("top", "all"):
+        assert (tmp_path / "demo" / f"metrics_{arm}.jsonl").read_text().count("\n") == 2
 
     model = str(tmp_path / "demo" / "tiny-sft")
     run(
