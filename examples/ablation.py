@@ -9,7 +9,8 @@
     python examples/ablation.py --config examples/recipes/ablation_cpu.yaml --output_dir /tmp/ablation --quick true
 
     # flags override the YAML: other seeds, arms, learning rate...
-    python examples/ablation.py --config examples/recipes/ablation_cpu.yaml --output_dir out --seeds 0 1 2 --arms all top
+    python examples/ablation.py --config examples/recipes/ablation_cpu.yaml --output_dir out \
+        --seeds 0 1 2 --arms all top
 
     # the same runner on a real model (GPU; GSM8K training split, MATH-500 held out)
     python examples/ablation.py --config examples/recipes/ablation_qwen3_0.6b.yaml --output_dir outputs/ablation-0.6b

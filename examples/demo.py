@@ -59,7 +59,8 @@ class QuietProgress(TrainerCallback):
             mean = sum(self.recent) / len(self.recent)
             self.bar.write(
                 f"  {self.arm:>3} step {state.global_step:>4}: reward {mean:.3f} (mean of the last {len(self.recent)}), "
-                f"kept {logs.get('forking/kept_fraction', float('nan')):.2f}, entropy {logs.get('entropy', float('nan')):.3f}"
+                f"kept {logs.get('forking/kept_fraction', float('nan')):.2f}, "
+                f"entropy {logs.get('entropy', float('nan')):.3f}"
             )
             self.recent = []
 
