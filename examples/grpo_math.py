@@ -106,6 +106,7 @@ def main(script_args: MathScriptArguments, training_args: ForkingGRPOConfig, mod
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.end_distributed()  # destroys the process group; without it a gloo (CPU) rank may abort at exit
 
 
 def make_parser() -> TrlParser:

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import textwrap
+import time
 
 import datasets
 import torch
@@ -329,6 +330,23 @@ class ForkingGRPOTrainer(GRPOTrainer):
         if isinstance(checkpoint, str):
             self._restore_forking_state(checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def end_distributed(self, grace_s: float = 0.2) -> None:
+        """End a launched run cleanly; call it last in a script (the trainer cannot train after it).
+
+        Finishes Accelerate's trackers and destroys the process group (`accelerator.end_training()`, as PyTorch asks
+        of every script), then, if a group existed, sleeps `grace_s` seconds with the GIL released. The sleep is for
+        gloo (CPU runs): a gloo worker thread frees the tensors of the last collective (transformers' final
+        `store_flos` all-gather, about 1 ms before the script ends) only after the caller has its result, and needs
+        the GIL for that. If the interpreter is already finalizing, the thread is killed inside C++ and the rank
+        aborts with "terminate called without an active exception" (pytorch/pytorch#190489); destroying the group
+        does not stop its workers while something else still holds it (DeepSpeed keeps the world group as a default
+        argument). Seen in ~1 of 30 two-process CPU runs under load without this; the sleep gives the worker its turn.
+        """
+        was_distributed = dist.is_available() and dist.is_initialized()
+        self.accelerator.end_training()
+        if was_distributed:
+            time.sleep(grace_s)
 
     def _restore_forking_state(self, checkpoint: str) -> None:
         """Warn about each forking field that differs from the checkpoint's run; restore the generator."""

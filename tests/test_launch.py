@@ -10,15 +10,41 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"
+EXIT_PROBE = ROOT / "tests" / "scripts" / "exit_probe"  # a sitecustomize: each rank records its state at exit
 
 
 def launch(tmp_path, accelerate_args, script_args, extra_env=None, script=SCRIPT):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}", "HF_HUB_OFFLINE": "1"}
+    """Run `script` under `accelerate launch`; return the `rank*.json` records it wrote.
+
+    Also checks that every rank destroyed its process group before exiting: one left alive is torn down during
+    interpreter finalization, where gloo can abort the process (SIGABRT, "terminate called without an active
+    exception"; pytorch/pytorch#190489). That failed CI once in ~30 runs; the probe makes it deterministic.
+    """
+    paths = os.pathsep.join(map(str, [EXIT_PROBE, ROOT / "tests", ROOT]))
+    env = {**os.environ, "PYTHONPATH": paths, "HF_HUB_OFFLINE": "1", "FORKING_EXIT_PROBE_DIR": str(tmp_path)}
     env.update(extra_env or {})
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args, str(script), *script_args]
     run = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    exits = [json.loads(p.read_text()) for p in sorted(Path(tmp_path).glob("exit_rank*.json"))]
+    assert exits and all(not e["process_group_alive"] for e in exits), exits
     return [json.loads(p.read_text()) for p in sorted(Path(tmp_path).glob("rank*.json"))]
+
+
+@pytest.mark.slow
+def test_grpo_math_on_two_processes_releases_the_process_group(tiny_model, tmp_path):
+    # the user-facing script under a real 2-process launch (launch() checks that both ranks released the group)
+    launch(
+        tmp_path,
+        ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+        + ["--dynamo_backend", "no"],
+        ["--config", str(ROOT / "examples/recipes/tiny_cpu.yaml"), "--model_name_or_path", tiny_model]
+        + ["--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--max_train_samples", "16"],
+        {"ACCELERATE_USE_CPU": "true"},
+        script=ROOT / "examples" / "grpo_math.py",
+    )
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.glob("exit_rank*.json")) == ["exit_rank0.json", "exit_rank1.json"]
 
 
 @pytest.mark.slow

@@ -328,3 +328,18 @@ def test_training_logs_the_entropy_pattern_of_all_valid_tokens(make_trainer):
     assert [metrics[f"entropy/p{q}"][0] for q in (50, 80, 95)] == percentiles(entropies, mask, (50, 80, 95))
     assert metrics["entropy/p50"] == [pytest.approx(0.005)] and metrics["entropy/p95"] == [pytest.approx(3.0)]
     assert sorted(valid)[2] == pytest.approx(metrics["entropy/p50"][0])
+
+
+def test_end_distributed_ends_training_and_waits_only_with_a_process_group(make_trainer, monkeypatch):
+    # single process: no group, so end_training runs and nothing sleeps; the 2-process path (group destroyed at
+    # exit on every rank) is checked by every run in tests/test_launch.py
+    trainer = make_trainer()
+    ended, slept = [], []
+    monkeypatch.setattr(trainer.accelerator, "end_training", lambda: ended.append(True))
+    monkeypatch.setattr("forking_trl.trainer.time.sleep", slept.append)
+    trainer.end_distributed()
+    assert ended == [True] and slept == []
+
+    monkeypatch.setattr("forking_trl.trainer.dist.is_initialized", lambda: True)
+    trainer.end_distributed(grace_s=0.5)
+    assert ended == [True, True] and slept == [0.5]

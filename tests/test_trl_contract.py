@@ -117,3 +117,11 @@ def test_dynamic_sampling_hooks():
     # the generation batch is made, shuffled and split in _prepare_inputs (dynamic sampling happens before)
     prep = source(GRPOTrainer._prepare_inputs)
     assert prep.index("self._generate_and_score_completions(generation_batch)") < prep.index("shuffle_sequence_dict")
+
+
+def test_end_distributed_uses_accelerates_end_training_and_shadows_nothing():
+    from accelerate import Accelerator
+
+    # ForkingGRPOTrainer.end_distributed: trackers finished and the process group destroyed by Accelerate
+    assert "self.state.destroy_process_group()" in source(Accelerator.end_training)
+    assert not hasattr(GRPOTrainer, "end_distributed")  # a TRL method of that name would be overridden silently

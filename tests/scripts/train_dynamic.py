@@ -49,6 +49,7 @@ def main():
     }
     with open(os.path.join(cli.output_dir, f"rank{trainer.accelerator.process_index}.json"), "w") as f:
         json.dump(record, f)
+    trainer.end_distributed()  # without it a gloo rank may abort at exit
 
 
 if __name__ == "__main__":

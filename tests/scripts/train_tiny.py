@@ -75,6 +75,7 @@ def main():
     }
     with open(os.path.join(cli.output_dir, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
+    trainer.end_distributed()  # without it a gloo rank may abort at exit
 
 
 if __name__ == "__main__":
