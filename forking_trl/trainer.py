@@ -14,8 +14,9 @@ Thin glue over TRL's narrowest hooks (`trl>=1.16,<1.17`; `tests/test_trl_contrac
   when TRL makes none), the selection is made once, and its mask rides with the inputs through TRL's shuffle and
   split into micro-batches.
 
-- `_save_rng_state(output_dir)` and `train(resume_from_checkpoint)`: the forking fields and the random mode's
-  generator are saved beside TRL's RNG states in each checkpoint, and checked and restored on resume.
+- `_save_rng_state(output_dir)` and `train(resume_from_checkpoint)`: the forking fields, the random mode's
+  generator and where dynamic sampling's further-prompt stream stood are saved beside TRL's RNG states in each
+  checkpoint, and checked and restored on resume.
 
 The entropies are TRL's: from the fused LM head, at the sampling temperature, of the current policy; no second pass
 over the logits.
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 ENTROPY_PERCENTILES = (50, 80, 95)  # logged as entropy/p50, ... (nearest rank, all valid tokens of all processes)
 FORKING_STATE_NAME = "forking_state.json"  # in each checkpoint: the forking fields of the run that saved it
+DYNAMIC_SAMPLING_STATE_NAME = "forking_dynamic_sampling.json"  # and where dynamic sampling's prompt stream stood
 
 
 class ForkingGRPOTrainer(GRPOTrainer):
@@ -65,8 +67,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
     `use_adaptive_entropy`, logged as `entropy_coef`) acts on the kept tokens only, and its adaptive controller
     measures their entropy; the config refuses the combination unless `forking_kept_entropy_bonus=True`.
 
-    Checkpoints also hold `forking_state.json` (the forking fields) and the random mode's generator; resuming with
-    a forking field changed logs a warning naming it.
+    Checkpoints also hold `forking_state.json` (the forking fields), the random mode's generator and, with dynamic
+    sampling, where its stream of further prompts stood; resuming with a forking field changed logs a warning
+    naming it.
     """
 
     _tag_names = ["trl", "grpo", "forking-trl", "forking-tokens"]
@@ -105,7 +108,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self._kept_token_counts: collections.Counter[int] = collections.Counter()
         self._dynamic_rewards_per_func: torch.Tensor | None = None
         self._dynamic_iterator = None
-        self._dynamic_passes = 0
+        self._dynamic_passes = 0  # passes over the dataset by the further-prompt stream (each its own order)
+        self._dynamic_drawn = 0  # batches drawn in the current pass; with the passes, saved in checkpoints
+        self._dynamic_skip = 0  # on resume: batches of the current pass already drawn before the checkpoint
         self._dynamic_warned = False
         name = args.dynamic_sampling_reward
         if name is not None and name not in self.reward_func_names:
@@ -293,9 +298,15 @@ class ForkingGRPOTrainer(GRPOTrainer):
         while True:
             if self._dynamic_iterator is not None:
                 try:
-                    return next(self._dynamic_iterator)
+                    batch = next(self._dynamic_iterator)
+                    self._dynamic_drawn += 1
+                    if self._dynamic_skip:  # resuming: this batch was drawn before the checkpoint
+                        self._dynamic_skip -= 1
+                        continue
+                    return batch
                 except StopIteration:
                     self._dynamic_passes += 1
+                    self._dynamic_drawn = self._dynamic_skip = 0
             seed = self.args.seed + 1 + self._dynamic_passes
             loader = self._get_dataloader(
                 dataset=self.train_dataset,
@@ -314,7 +325,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             self._dynamic_iterator = iter(loader)
 
     # ------------------------------------------------------------------------------------------------------------
-    # checkpoints: the forking fields and the random mode's generator travel with the checkpoint
+    # checkpoints: the forking fields, the random mode's generator and the further-prompt stream travel with them
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)  # makes output_dir on every process
@@ -322,6 +333,9 @@ class ForkingGRPOTrainer(GRPOTrainer):
             with open(os.path.join(output_dir, FORKING_STATE_NAME), "w") as f:
                 json.dump(self.args.forking_fields(), f, indent=2)
         torch.save(self._forking_generator.get_state(), self._generator_file(output_dir))
+        if self.args.dynamic_sampling and self.args.should_save:
+            with open(os.path.join(output_dir, DYNAMIC_SAMPLING_STATE_NAME), "w") as f:
+                json.dump({"passes": self._dynamic_passes, "drawn": self._dynamic_drawn}, f)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         checkpoint = resume_from_checkpoint
@@ -349,7 +363,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
             time.sleep(grace_s)
 
     def _restore_forking_state(self, checkpoint: str) -> None:
-        """Warn about each forking field that differs from the checkpoint's run; restore the generator."""
+        """Warn about each forking field that differs from the checkpoint's run; restore the generator and the
+        further-prompt stream."""
         path = os.path.join(checkpoint, FORKING_STATE_NAME)
         if not os.path.isfile(path):
             logger.warning(
@@ -376,6 +391,12 @@ class ForkingGRPOTrainer(GRPOTrainer):
         generator_file = self._generator_file(checkpoint)
         if os.path.isfile(generator_file):
             self._forking_generator.set_state(torch.load(generator_file, weights_only=True))
+        stream_file = os.path.join(checkpoint, DYNAMIC_SAMPLING_STATE_NAME)
+        if self.args.dynamic_sampling and os.path.isfile(stream_file):  # the further prompts go on where they were
+            with open(stream_file) as f:
+                stream = json.load(f)
+            self._dynamic_iterator = None
+            self._dynamic_passes, self._dynamic_drawn, self._dynamic_skip = stream["passes"], 0, stream["drawn"]
 
     def _generator_file(self, directory: str) -> str:
         return os.path.join(directory, f"forking_generator_{self.accelerator.process_index}.pth")

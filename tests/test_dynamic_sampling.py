@@ -1,5 +1,6 @@
 """DAPO dynamic sampling: the pure decisions on hand-built tensors, then training in one and in two processes."""
 
+import json
 import math
 
 import pytest
@@ -206,3 +207,38 @@ def test_dynamic_sampling_reward_picks_the_function_that_decides(tiny_model, tmp
     args.dynamic_sampling_reward = "accuracy_reward"
     with pytest.raises(ValueError, match="dynamic_sampling_reward='accuracy_reward' is not one of"):
         ForkingGRPOTrainer(tiny_model, [half_constant_reward, length_noise], args=args, train_dataset=prompt_dataset())
+
+
+class DrawSpy:
+    """Wraps `trainer._next_dynamic_sampling_batch`: records (global step, prompt texts) of each further batch."""
+
+    def __init__(self, trainer):
+        self.trainer, self.inner, self.draws = trainer, trainer._next_dynamic_sampling_batch, []
+        trainer._next_dynamic_sampling_batch = self
+
+    def __call__(self):
+        batch = self.inner()
+        texts = [row["prompt"][-1]["content"] for row in batch]
+        self.draws.append((self.trainer.state.global_step, texts))
+        return batch
+
+
+@pytest.mark.slow
+def test_resume_continues_the_further_prompt_stream(tiny_model, tmp_path):
+    # the further prompts drawn after a resume are those the uninterrupted run drew after the same checkpoint
+    kwargs = dict(dynamic_sampling=True, max_steps=3, save_strategy="steps", save_steps=1)
+    args = trainer_args(tmp_path, **kwargs)
+    whole = ForkingGRPOTrainer(tiny_model, half_constant_reward, args=args, train_dataset=prompt_dataset())
+    spy = DrawSpy(whole)
+    whole.train()
+    before = [texts for step, texts in spy.draws if step < 2]
+    after = [texts for step, texts in spy.draws if step >= 2]
+    assert before and after  # the stream was used on both sides of checkpoint-2, so where it stood matters
+    saved = json.loads((tmp_path / "checkpoint-2" / "forking_dynamic_sampling.json").read_text())
+    assert saved == {"passes": 0, "drawn": len(before)}
+
+    args = trainer_args(tmp_path, **kwargs)
+    resumed = ForkingGRPOTrainer(tiny_model, half_constant_reward, args=args, train_dataset=prompt_dataset())
+    spy = DrawSpy(resumed)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert [texts for _, texts in spy.draws] == after
