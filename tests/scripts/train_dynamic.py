@@ -9,9 +9,9 @@ import argparse
 import json
 import os
 
-from forking_trl import ForkingGRPOConfig, ForkingGRPOTrainer
+from forking_trl import ForkingGRPOTrainer
 
-from _util import AdvantageSpy, half_constant_reward, prompt_dataset  # noqa: E402  (tests/ on PYTHONPATH)
+from _util import AdvantageSpy, half_constant_reward, prompt_dataset, trainer_args  # noqa: E402  (tests/ on PYTHONPATH)
 
 
 def main():
@@ -20,21 +20,13 @@ def main():
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--scope", default="micro_batch")
     cli = parser.parse_args()
-    args = ForkingGRPOConfig(
-        output_dir=cli.output_dir,
+    args = trainer_args(  # the suite's tiny settings, with 2 groups of 4 per process
+        cli.output_dir,
         per_device_train_batch_size=4,
-        num_generations=4,
         max_completion_length=10,
         max_steps=3,
-        logging_steps=1,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        seed=0,
-        use_cpu=True,
         forking_scope=cli.scope,
         dynamic_sampling=True,
-        disable_tqdm=True,
     )
     trainer = ForkingGRPOTrainer(cli.model, half_constant_reward, args=args, train_dataset=prompt_dataset())
     spy = AdvantageSpy(trainer)
