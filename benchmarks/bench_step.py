@@ -8,7 +8,7 @@ Variants (same model, data, seed and batch: 16 completions of 64 tokens per step
   grpo_quantile    GRPOTrainer(top_entropy_quantile=0.2), TRL's own mask
   forking          ForkingGRPOTrainer, top 0.2, forking_scope="micro_batch"
   forking_batch    ForkingGRPOTrainer, top 0.2, forking_scope="batch" (one extra no-grad forward per generation)
-  forking_halfconst  ForkingGRPOTrainer, top 0.2, a reward constant for half the prompts (their groups give no gradient)
+  forking_halfconst  ForkingGRPOTrainer, top 0.2, a reward constant for half the prompts (groups with no gradient)
   forking_dynamic  the same with dynamic_sampling=True: those groups are replaced by informative ones (DAPO)
 
 The last two are the cost of dynamic sampling: its generation rounds per optimizer step and its step time against
@@ -89,7 +89,8 @@ def child(variant: str, model: str, steps: int, output_dir: str) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rounds = [e["dynamic_sampling/rounds"] for e in history if "dynamic_sampling/rounds" in e] or [1.0]
     if variant == "forking_dynamic":  # informative share of the groups trained on
-        informative = [1 - e["dynamic_sampling/filled_groups"] for e in history if "dynamic_sampling/filled_groups" in e]
+        key = "dynamic_sampling/filled_groups"
+        informative = [1 - e[key] for e in history if key in e]
     else:
         informative = [1 - e["frac_reward_zero_std"] for e in history if "frac_reward_zero_std" in e]
     print(json.dumps({"step_time": statistics.median(times[1:]), "peak_mib": peak,

@@ -58,7 +58,8 @@ class QuietProgress(TrainerCallback):
         if state.global_step % self.every == 0:
             mean = sum(self.recent) / len(self.recent)
             self.bar.write(
-                f"  {self.arm:>3} step {state.global_step:>4}: reward {mean:.3f} (mean of the last {len(self.recent)}), "
+                f"  {self.arm:>3} step {state.global_step:>4}: reward {mean:.3f} "
+                f"(mean of the last {len(self.recent)}), "
                 f"kept {logs.get('forking/kept_fraction', float('nan')):.2f}, "
                 f"entropy {logs.get('entropy', float('nan')):.3f}"
             )

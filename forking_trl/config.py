@@ -229,8 +229,8 @@ class ForkingGRPOConfig(GRPOConfig):
                 f"entropy bonus to the same tokens as the policy gradient, so with forking_mode={self.forking_mode!r} "
                 "it acts on the kept tokens only (with 'bottom': raising the entropy of the low-entropy tokens "
                 "alone), and the adaptive controller measures the kept tokens' entropy. Set "
-                "forking_kept_entropy_bonus=True (a ForkingGRPOConfig field) to train so, or turn the bonus off (entropy_coef=0.0, "
-                "use_adaptive_entropy=False; the paper uses none)."
+                "forking_kept_entropy_bonus=True (a ForkingGRPOConfig field) to train so, or turn the bonus off "
+                "(entropy_coef=0.0, use_adaptive_entropy=False; the paper uses none)."
             )
         if self.forking_normalizer == "kept" and self.loss_type in CONSTANT_NORMALIZER_LOSSES:
             raise ValueError(

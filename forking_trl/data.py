@@ -8,8 +8,8 @@ Schemas recognised, by their columns:
 - already normalised: `prompt` (text or chat) + `solution`.
 
 Sources: a local `.jsonl` / `.json` / `.parquet` file, a bundled benchmark name (`aime24`, `aime25`, `amc23`,
-`math500`, `minervamath`, `olympiadbench`, `gsm8k`, `gsm8k_train`; shipped in `forking_trl/bundled_data/`, provenance in its
-README), or a Hugging Face Hub dataset id (needs network).
+`math500`, `minervamath`, `olympiadbench`, `gsm8k`, `gsm8k_train`; shipped in `forking_trl/bundled_data/`,
+provenance in its README), or a Hugging Face Hub dataset id (needs network).
 """
 
 from __future__ import annotations

@@ -41,9 +41,8 @@ def token_entropy(logits: torch.Tensor, chunk_size: int | None = None, temperatu
 
     out = torch.empty(flat.size(0), dtype=torch.float32, device=logits.device)
     for start in range(0, flat.size(0), chunk_size):
-        x = flat[start : start + chunk_size].to(
-            torch.float32, copy=True
-        )  # (n, V) copy 1 of 2; never in place on input
+        # (n, V) copy 1 of 2; never in place on input
+        x = flat[start : start + chunk_size].to(torch.float32, copy=True)
         if temperature != 1.0:
             x.div_(temperature)
         x.sub_(x.amax(dim=-1, keepdim=True))  # shifted, max 0: exp cannot overflow

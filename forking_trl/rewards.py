@@ -5,7 +5,8 @@
   answers are extracted in one linear pass and checked cheaply in-process when they are plain numbers; anything
   else goes to worker processes with a deadline, and a worker that overruns (math-verify can hang in C code holding
   the GIL, where its `signal.alarm` timeouts cannot fire, and those are off outside the main thread anyway) is
-  killed and replaced. Never raises on what a completion holds; safe to use after `os.fork()` (the child starts its own workers).
+  killed and replaced. Never raises on what a completion holds; safe to use after `os.fork()` (the child starts
+  its own workers).
 - `format_reward`: 1.0 when the answer part of the completion (after `</think>`, if thinking was opened) holds a
   `\\boxed{...}`.
 - `soft_overlong_punishment`: DAPO's soft overlong punishment, TRL's `get_soft_overlong_punishment`.

@@ -63,9 +63,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
     `forking/entropy_dropped`, and `forking/nonfinite_tokens` when a valid token's entropy was NaN or inf; the
     entropy pattern of all valid completion tokens of all processes, `entropy/p50`, `entropy/p80`, `entropy/p95`
     (exact nearest-rank percentiles by radix select, about 8 KiB communicated each) and `entropy/share_below_0.01`,
-    from the entropies the selection already has. TRL's own `entropy` metric stays the mean over all valid tokens. TRL's entropy bonus (`entropy_coef`,
-    `use_adaptive_entropy`, logged as `entropy_coef`) acts on the kept tokens only, and its adaptive controller
-    measures their entropy; the config refuses the combination unless `forking_kept_entropy_bonus=True`.
+    from the entropies the selection already has. TRL's own `entropy` metric stays the mean over all valid tokens.
+    TRL's entropy bonus (`entropy_coef`, `use_adaptive_entropy`, logged as `entropy_coef`) acts on the kept tokens
+    only, and its adaptive controller measures their entropy; the config refuses the combination unless
+    `forking_kept_entropy_bonus=True`.
 
     Checkpoints also hold `forking_state.json` (the forking fields), the random mode's generator and, with dynamic
     sampling, where its stream of further prompts stood; resuming with a forking field changed logs a warning

@@ -10,7 +10,10 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 HUB_MODEL = '"Qwen/Qwen3-0.6B-Base"'
 # a budget for the tiny model on CPU; everything else in the block is run as the README has it
-BUDGET = 'max_steps=1, per_device_train_batch_size=4, num_generations=4, max_completion_length=8, report_to=[], save_strategy="no"'
+BUDGET = (
+    "max_steps=1, per_device_train_batch_size=4, num_generations=4, max_completion_length=8, report_to=[], "
+    'save_strategy="no"'
+)
 
 
 def python_blocks() -> list[str]:
