@@ -333,10 +333,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
         if self.args.should_save:
             with open(os.path.join(output_dir, FORKING_STATE_NAME), "w") as f:
                 json.dump(self.args.forking_fields(), f, indent=2)
+            if self.args.dynamic_sampling:  # the same on every process
+                with open(os.path.join(output_dir, DYNAMIC_SAMPLING_STATE_NAME), "w") as f:
+                    json.dump({"passes": self._dynamic_passes, "drawn": self._dynamic_drawn}, f)
         torch.save(self._forking_generator.get_state(), self._generator_file(output_dir))
-        if self.args.dynamic_sampling and self.args.should_save:
-            with open(os.path.join(output_dir, DYNAMIC_SAMPLING_STATE_NAME), "w") as f:
-                json.dump({"passes": self._dynamic_passes, "drawn": self._dynamic_drawn}, f)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         checkpoint = resume_from_checkpoint
