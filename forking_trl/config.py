@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
+from .credit import METHOD_NAMES
 from .selection import MODES, SELECTIONS, check_choice, check_selection_args
 
 SCOPES = ("micro_batch", "rank", "sequence", "batch")
@@ -16,9 +18,19 @@ SEQUENCE_MEAN_LOSSES = ("grpo", "sapo")  # mean over each sequence's tokens, the
 TOKEN_MEAN_LOSSES = ("bnpo", "dapo", "cispo", "vespo")  # sum over tokens / number of tokens in the (micro-)batch
 CONSTANT_NORMALIZER_LOSSES = ("dr_grpo", "luspo")  # divided by a constant: "kept" has no meaning
 
-OWN_FIELD_PREFIXES = ("forking_", "dynamic_sampling")
+# the loss types each entropy method is defined for (others are refused at construction)
+CLIPPED_SURROGATE_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # -min(r A, clip(r) A), PPO's clip
+METHOD_LOSSES = {
+    "clip_cov": CLIPPED_SURROGATE_LOSSES,  # clips among the tokens PPO's clip has not clipped
+    "kl_cov": CLIPPED_SURROGATE_LOSSES,  # replaces PPO's clip by its penalty (the reference's surrogate is -r A)
+    "entropy_adv": CLIPPED_SURROGATE_LOSSES + ("cispo", "sapo"),  # a positive factor on A: losses linear in A
+}
+
+OWN_FIELD_PREFIXES = ("forking_", "dynamic_sampling", "entropy_method", "clip_cov_", "kl_cov_", "entropy_adv_")
 
 _PAPER = "[Beyond the 80/20 Rule](https://huggingface.co/papers/2506.01939)"
+_COV = "The Entropy Mechanism of RL for Reasoning LMs, arXiv 2505.22617"
+_EXPLORE = "Reasoning with Exploration: An Entropy Perspective, arXiv 2506.14758"
 
 
 def _choices(values: tuple[str, ...]) -> str:
@@ -91,6 +103,45 @@ class ForkingGRPOConfig(GRPOConfig):
             The reward whose spread within a group makes it informative: the name of one reward function (as TRL
             names them, e.g. `"accuracy_reward"`; DAPO's released recipe filters on accuracy, so that the overlong
             shaping alone does not make a group informative), or `None` for the total weighted reward.
+
+        > Parameters of the entropy methods that followed the paper (one at a time; composable with the selection)
+
+        entropy_method (`str`, *optional*, defaults to `"none"`):
+            An entropy method applied to the tokens that receive policy gradient. `"clip_cov"` and `"kl_cov"`: Cui et
+            al., The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models
+            ([arXiv 2505.22617](https://huggingface.co/papers/2505.22617)), which act on the tokens of largest
+            covariance cov_t = (A_t − mean A)(log π_t − mean log π) between log-probability and advantage, the term
+            that drives entropy down. `"entropy_adv"`: Cheng et al., Reasoning with Exploration: An Entropy
+            Perspective ([arXiv 2506.14758](https://huggingface.co/papers/2506.14758)), A'_t = A_t + min(α·H_t,
+            |A_t|/κ). Computed per micro-batch on each process, as the references do; with a `forking_mode` other
+            than `"all"`, a method acts only on the kept tokens. Defined for `loss_type` `"grpo"`, `"bnpo"`,
+            `"dr_grpo"`, `"dapo"`, `"luspo"` (and `"cispo"`, `"sapo"` for `"entropy_adv"`), token-level importance
+            sampling only.
+        clip_cov_ratio (`float`, *optional*, defaults to `2e-4`):
+            Clip-Cov: the share of the active tokens (at least one per micro-batch) that get no policy gradient,
+            drawn at random among those with `clip_cov_lb < cov_t < clip_cov_ub` that PPO's clip has not clipped.
+            In (0, 1]; the authors' default.
+        clip_cov_lb (`float`, *optional*, defaults to `1.0`):
+            Clip-Cov: lower bound of cov_t for a token to be a candidate (the authors' default).
+        clip_cov_ub (`float`, *optional*, defaults to `5.0`):
+            Clip-Cov: upper bound of cov_t for a token to be a candidate; greater than `clip_cov_lb` (the authors'
+            default).
+        kl_cov_ratio (`float`, *optional*, defaults to `2e-3`):
+            KL-Cov: the share of the active tokens (at least one per micro-batch) of largest cov_t that get the
+            penalty `kl_cov_coef * |log π_t − log π_old,t|` added to their policy loss. In (0, 1]; the paper's
+            recipes use 2e-3 at 7B and 2e-4 at 32B. As in the reference, KL-Cov replaces PPO's clip: with it the
+            trainer trains on the unclipped surrogate −r·A (`epsilon` and `epsilon_high` are not applied). On a
+            fully on-policy run (log π_old = log π, TRL's default with `num_iterations=1` and
+            `steps_per_generation <= gradient_accumulation_steps`) the penalty is 0 in value and gradient, and the
+            trainer warns.
+        kl_cov_coef (`float`, *optional*, defaults to `1.0`):
+            KL-Cov: the penalty's coefficient, ≥ 0 (the paper's 1).
+        entropy_adv_alpha (`float`, *optional*, defaults to `0.4`):
+            Entropy advantage: α, the weight of the detached token entropy in ψ_t = min(α·H_t, |A_t|/κ), ≥ 0 (the
+            paper's 0.4).
+        entropy_adv_kappa (`float`, *optional*, defaults to `2.0`):
+            Entropy advantage: κ, the cap |A_t|/κ on ψ_t, which keeps the shaped advantage's sign; ≥ 1 (the paper's
+            2). For κ ≥ 1, A' = f·A with a detached f ≥ 0, applied as a per-token factor on the policy loss.
     """
 
     forking_mode: str = field(
@@ -168,15 +219,53 @@ class ForkingGRPOConfig(GRPOConfig):
         },
     )
 
+    entropy_method: str = field(
+        default="none",
+        metadata={
+            "help": f"Entropy method on the tokens that receive policy gradient: 'none', 'clip_cov' or 'kl_cov' "
+            f"({_COV}), 'entropy_adv' ({_EXPLORE}). Per micro-batch on each process, as the references.",
+            "choices": list(METHOD_NAMES),
+        },
+    )
+    clip_cov_ratio: float = field(
+        default=2e-4,
+        metadata={"help": f"Clip-Cov ({_COV}): share of active tokens given no gradient, in (0, 1]; authors' 2e-4."},
+    )
+    clip_cov_lb: float = field(
+        default=1.0, metadata={"help": "Clip-Cov: candidates have cov_t > clip_cov_lb (authors' default 1)."}
+    )
+    clip_cov_ub: float = field(
+        default=5.0, metadata={"help": "Clip-Cov: candidates have cov_t < clip_cov_ub (> clip_cov_lb; authors' 5)."}
+    )
+    kl_cov_ratio: float = field(
+        default=2e-3,
+        metadata={
+            "help": f"KL-Cov ({_COV}): share of active tokens of largest cov_t penalised, in (0, 1]; the paper's "
+            "recipes: 2e-3 (7B), 2e-4 (32B). KL-Cov replaces PPO's clip, as the reference."
+        },
+    )
+    kl_cov_coef: float = field(
+        default=1.0, metadata={"help": "KL-Cov: coefficient of the penalty |log π − log π_old|, >= 0 (paper: 1)."}
+    )
+    entropy_adv_alpha: float = field(
+        default=0.4,
+        metadata={"help": f"Entropy advantage ({_EXPLORE}): α in min(α·H, |A|/κ), >= 0 (paper: 0.4)."},
+    )
+    entropy_adv_kappa: float = field(
+        default=2.0, metadata={"help": "Entropy advantage: κ in min(α·H, |A|/κ), >= 1 (paper: 2)."}
+    )
+
     def __post_init__(self):
         self._check_forking_fields()
         super().__post_init__()
         self._check_dynamic_sampling()
+        self._check_entropy_method()
 
     def validate(self) -> None:
         """Check every forking_trl field again (e.g. after one was set on a built config); `ValueError` naming it."""
         self._check_forking_fields()
         self._check_dynamic_sampling()
+        self._check_entropy_method()
 
     def _check_dynamic_sampling(self) -> None:
         """Validate the dynamic-sampling fields (after TRL derived `steps_per_generation`)."""
@@ -237,6 +326,52 @@ class ForkingGRPOConfig(GRPOConfig):
                 f"forking_normalizer='kept' replaces the token count in the loss's denominator, but "
                 f"loss_type={self.loss_type!r} divides by a constant. Use forking_normalizer='all', or a loss_type "
                 f"among {_choices(SEQUENCE_MEAN_LOSSES + TOKEN_MEAN_LOSSES)}."
+            )
+
+    def _check_entropy_method(self) -> None:
+        """Validate the entropy method's fields and its combination with TRL's; `ValueError` naming the field."""
+        check_choice("entropy_method", self.entropy_method, METHOD_NAMES)
+
+        def number(name: str, low: float, high: float = math.inf, open_low: bool = False, why: str = "") -> None:
+            value = getattr(self, name)
+            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+            if not (ok and (low < value if open_low else low <= value) and value <= high):
+                span = f"in {'(' if open_low else '['}{low:g}, {high:g}]" if high < math.inf else f">= {low:g}"
+                raise ValueError(f"{name} must be a number {span}; got {value!r}.{why}")
+            setattr(self, name, float(value))
+
+        number("clip_cov_ratio", 0.0, 1.0, open_low=True)
+        number("kl_cov_ratio", 0.0, 1.0, open_low=True)
+        number("clip_cov_lb", -math.inf)
+        number("clip_cov_ub", -math.inf)
+        if self.clip_cov_lb >= self.clip_cov_ub:
+            raise ValueError(
+                f"clip_cov_lb ({self.clip_cov_lb}) must be below clip_cov_ub ({self.clip_cov_ub}): Clip-Cov's "
+                "candidates have clip_cov_lb < cov_t < clip_cov_ub (the authors' defaults: 1 and 5)."
+            )
+        number("kl_cov_coef", 0.0)
+        number("entropy_adv_alpha", 0.0)
+        why = " Below 1 the cap |A|/κ exceeds |A| and can flip a negative advantage's sign (the paper uses κ = 2)."
+        number("entropy_adv_kappa", 1.0, why=why)
+        method = self.entropy_method
+        if method == "none":
+            return
+        if self.entropy_coef != 0.0 or self.use_adaptive_entropy:
+            raise ValueError(
+                f"entropy_method={method!r} with TRL's entropy bonus (entropy_coef={self.entropy_coef}, "
+                f"use_adaptive_entropy={self.use_adaptive_entropy}): TRL weights the bonus by the same per-token "
+                "multiplier as the policy term, so the method would reshape the bonus too. Use one of the two: "
+                "entropy_method='none', or entropy_coef=0.0 and use_adaptive_entropy=False."
+            )
+        if self.loss_type not in METHOD_LOSSES[method]:
+            raise ValueError(
+                f"entropy_method={method!r} is not defined for loss_type={self.loss_type!r}; use a loss_type among "
+                f"{_choices(METHOD_LOSSES[method])}, or entropy_method='none'."
+            )
+        if self.importance_sampling_level != "token":
+            raise ValueError(
+                f"entropy_method={method!r} needs importance_sampling_level='token' (it acts on single tokens; with "
+                f"{self.importance_sampling_level!r} every token's ratio depends on its whole sequence)."
             )
 
     def forking_fields(self) -> dict:

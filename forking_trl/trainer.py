@@ -7,8 +7,14 @@ Thin glue over TRL's narrowest hooks (`trl>=1.16,<1.17`; `tests/test_trl_contrac
   We return the forking selection there (as float weights when `forking_normalizer="kept"`), so unselected tokens
   get zero policy gradient while their KL term and the normalizer are untouched. TRL calls the hook only when
   `self.top_entropy_quantile < 1`, so the trainer sets that attribute below 1 for every mode.
-- `compute_loss(model, inputs)`: only remembers the micro-batch inputs, so the hook can read a mask that arrived
-  with them (`forking_scope="batch"`) and the completion ids (the kept-token counter).
+- `compute_loss(model, inputs)`: remembers the micro-batch inputs, so the hook can read a mask that arrived with
+  them (`forking_scope="batch"`), the completion ids (the kept-token counter), the advantages and old log-probs
+  (the entropy methods). With `entropy_method="kl_cov"` it adds KL-Cov's per-token penalty to TRL's loss,
+  normalised exactly as TRL normalises the per-token loss for the loss type (the one term the multiplicative hook
+  cannot express; the normalisers are pinned in `tests/test_trl_contract.py`). KL-Cov also opens TRL's PPO clip
+  (`self.epsilon_low = 1`, `self.epsilon_high = inf`: the reference trains on the unclipped surrogate).
+- `_get_per_token_logps_and_entropies`: inside `compute_loss`, remembers the policy's per-token log-probs (with
+  their graph) for the entropy methods and the covariance metrics; no extra forward.
 - `_generate_and_score_completions` and `_get_per_token_logps_and_entropies`: with `forking_scope="batch"` only,
   the entropies of the whole generation batch are taken from TRL's old-log-prob pass (or one extra no-grad forward
   when TRL makes none), the selection is made once, and its mask rides with the inputs through TRL's shuffle and
@@ -27,6 +33,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
 import textwrap
 import time
@@ -41,6 +48,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.grpo_trainer import RepeatSampler
 
 from .config import SEQUENCE_MEAN_LOSSES, ForkingGRPOConfig
+from .credit import METHODS, CreditInputs, MethodTerms, token_covariance
 from .dynamic_sampling import fill_groups, group_rows, informative_groups, stack_rows, take_groups
 from .entropy import LOW_ENTROPY
 from .selection import ForkingSelection, forking_select, percentiles
@@ -113,6 +121,22 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self._dynamic_drawn = 0  # batches drawn in the current pass; with the passes, saved in checkpoints
         self._dynamic_skip = 0  # on resume: batches of the current pass already drawn before the checkpoint
         self._dynamic_warned = False
+        self._forking_logps: torch.Tensor | None = None  # (B, T) the policy's log-probs in compute_loss, with grad
+        self._method_extra: torch.Tensor | None = None  # (B, T) KL-Cov's term, added to the loss by compute_loss
+        if args.entropy_method == "kl_cov":
+            # the reference trains KL-Cov on the unclipped surrogate -r A: open TRL's clip (read only by the loss and
+            # the clip metrics; pinned in tests/test_trl_contract.py)
+            self.epsilon_low, self.epsilon_high = 1.0, math.inf
+            if not self._trl_computes_old_logps():
+                logger.warning(
+                    "forking_trl: entropy_method='kl_cov' on a fully on-policy run (num_iterations=1, "
+                    "steps_per_generation=%d <= gradient_accumulation_steps=%d): log π_old is log π itself, so "
+                    "KL-Cov's penalty |log π − log π_old| is 0 in value and gradient and the run trains plain GRPO "
+                    "on the unclipped surrogate. Its penalty acts from the second optimizer step on each generation "
+                    "batch: set steps_per_generation above gradient_accumulation_steps, or num_iterations > 1.",
+                    args.steps_per_generation,
+                    args.gradient_accumulation_steps,
+                )
         name = args.dynamic_sampling_reward
         if name is not None and name not in self.reward_func_names:
             raise ValueError(
@@ -131,9 +155,12 @@ class ForkingGRPOTrainer(GRPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._forking_inputs = inputs
         try:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if self._method_extra is not None:  # KL-Cov: L_t + extra_t, aggregated as TRL aggregated L_t
+                loss = loss + self._aggregate_like_trl(self._method_extra, _loss_mask(inputs), inputs)
+            return loss
         finally:
-            self._forking_inputs = None
+            self._forking_inputs = self._forking_logps = self._method_extra = None
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
         """Per-token policy-gradient weights of the micro-batch: 0 for unselected tokens.
@@ -144,14 +171,77 @@ class ForkingGRPOTrainer(GRPOTrainer):
             threshold: TRL's `1 - top_entropy_quantile`, unused: the `forking_*` fields decide.
 
         Returns:
-            `(B, T)` bool mask, or float weights with `forking_normalizer="kept"`.
+            `(B, T)` bool mask, or float weights with `forking_normalizer="kept"` or an `entropy_method`.
         """
         inputs = self._forking_inputs or {}
         if "forking_mask" in inputs:  # batch scope: selected once per generation batch, metrics logged then
-            keep = inputs["forking_mask"] & mask.bool()
-            return self._policy_weights(keep, mask, inputs["forking_scale"])
-        keep, scale = self._select_and_record(entropies, mask, inputs.get("completion_ids"))
-        return self._policy_weights(keep, mask, scale)
+            keep, scale = inputs["forking_mask"] & mask.bool(), inputs["forking_scale"]
+        else:
+            keep, scale = self._select_and_record(entropies, mask, inputs.get("completion_ids"))
+        weights = self._policy_weights(keep, mask, scale)
+        return self._apply_entropy_method(weights, keep, entropies, mask, inputs)
+
+    def _apply_entropy_method(self, weights, keep, entropies, mask, inputs) -> torch.Tensor:
+        """The entropy method's weight times `weights` (its extra term left for `compute_loss`), over the kept
+        tokens of this micro-batch on this process, as the references; and the covariance metrics of every run."""
+        logps = self._forking_logps
+        if logps is None or "advantages" not in inputs:
+            return weights
+        old = inputs.get("old_per_token_logps")
+        x = CreditInputs(
+            logps=logps,
+            old_logps=logps.detach() if old is None else old,  # as TRL: on-policy when it made no old pass
+            advantages=inputs["advantages"],
+            mask=mask,
+            entropies=entropies,
+            active=keep,
+            covariance=token_covariance(logps, inputs["advantages"], mask),
+        )
+        terms = None
+        if self.args.entropy_method != "none":
+            terms = METHODS[self.args.entropy_method](x, **self._method_params())
+            if terms.weight is not None:
+                weights = weights * terms.weight
+            self._method_extra = terms.extra
+        self._log_covariance(x, terms)
+        return weights
+
+    def _method_params(self) -> dict:
+        a = self.args
+        if a.entropy_method == "clip_cov":
+            return dict(
+                ratio=a.clip_cov_ratio,
+                lb=a.clip_cov_lb,
+                ub=a.clip_cov_ub,
+                epsilon_low=self.epsilon_low,
+                epsilon_high=self.epsilon_high,
+                delta=a.delta,
+                generator=self._forking_generator,
+            )
+        if a.entropy_method == "kl_cov":
+            return dict(ratio=a.kl_cov_ratio, coef=a.kl_cov_coef)
+        return dict(alpha=a.entropy_adv_alpha, kappa=a.entropy_adv_kappa)
+
+    def _aggregate_like_trl(self, term: torch.Tensor, mask: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """A `(B, T)` per-token term normalised exactly as `GRPOTrainer._compute_loss` normalises the per-token loss
+        of `self.loss_type` (the clipped-surrogate losses KL-Cov is defined for); pinned in the contract test."""
+        term = term * mask
+        training = self.model.training
+        accumulation = self.current_gradient_accumulation_steps if training else 1.0
+        if self.loss_type == "grpo":
+            return (term.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+        if self.loss_type == "bnpo":
+            return term.sum() / mask.sum().clamp(min=1.0) / accumulation
+        if self.loss_type == "dr_grpo":
+            return term.sum() / (term.size(0) * self.max_completion_length) / accumulation
+        if self.loss_type == "dapo":
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if training:
+                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+            return term.sum() / normalizer
+        if self.loss_type == "luspo":
+            return term.sum(-1).mean() / accumulation
+        raise ValueError(f"no extra per-token term for loss_type={self.loss_type!r}")  # refused by the config
 
     def _generate_and_score_completions(self, inputs):
         if self.args.dynamic_sampling and self.model.training:
@@ -202,6 +292,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
         logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
             model, *args, compute_entropy=compute_entropy or capture, **kwargs
         )
+        if self._forking_inputs is not None:  # inside compute_loss: the policy's forward of the micro-batch
+            self._forking_logps = logps  # (B, T), with its graph
         if capture:  # the first call of the generation batch is TRL's old-log-prob pass with the policy
             self._forking_captured = entropies.detach().float()
             entropies = entropies if compute_entropy else None
@@ -516,6 +608,47 @@ class ForkingGRPOTrainer(GRPOTrainer):
                     selection.num_nonfinite,
                 )
                 self._forking_warned_nonfinite = True
+
+    def _log_covariance(self, x: CreditInputs, terms: MethodTerms | None) -> None:
+        """`cov/*` (mean cov_t over the valid, kept and dropped tokens) and the method's own counts, summed over all
+        processes in one small all-reduce; each method's shares are of the kept tokens (those it may act on)."""
+        mode = "train" if self.model.training else "eval"
+        cov, valid, kept = x.covariance, x.valid(), x.acting()
+        dropped = valid & ~kept
+        zero = torch.zeros((), device=cov.device)
+        local = torch.stack(
+            [
+                valid.sum().float(),
+                cov.sum(),  # cov is 0 off the valid tokens
+                kept.sum().float(),
+                torch.where(kept, cov, 0.0).sum(),
+                dropped.sum().float(),
+                torch.where(dropped, cov, 0.0).sum(),
+                terms.counted.sum().float() if terms is not None else zero,
+                terms.value.sum() if terms is not None and terms.value is not None else zero,
+            ]
+        ).to(self.accelerator.device)
+        n_valid, cov_valid, n_kept, cov_kept, n_dropped, cov_dropped, counted, value = self.accelerator.reduce(
+            local, reduction="sum"
+        ).tolist()
+        metrics = self._metrics[mode]
+        if n_valid:
+            metrics["cov/mean"].append(cov_valid / n_valid)
+        if n_kept:
+            metrics["cov/kept"].append(cov_kept / n_kept)
+        if n_dropped:
+            metrics["cov/dropped"].append(cov_dropped / n_dropped)
+        method = self.args.entropy_method
+        if terms is None or not n_kept:
+            return
+        if method == "clip_cov":
+            metrics["clip_cov/clipped_fraction"].append(counted / n_kept)
+        elif method == "kl_cov":
+            metrics["kl_cov/penalized_fraction"].append(counted / n_kept)
+            metrics["kl_cov/penalty"].append(value / counted if counted else 0.0)
+        elif method == "entropy_adv":
+            metrics["entropy_adv/shaping"].append(value / n_kept)
+            metrics["entropy_adv/capped_fraction"].append(counted / n_kept)
 
     def _count_kept_tokens(self, keep: torch.Tensor, completion_ids: torch.Tensor | None) -> None:
         """Count kept token ids of this process for the window's most-frequent kept tokens (no extra forward)."""

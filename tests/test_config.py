@@ -99,5 +99,7 @@ def test_forking_fields_lists_every_forking_field():
     args = ForkingGRPOConfig(**COMMON, forking_mode="bottom", forking_ratio=0.8)
     recorded = args.forking_fields()
     assert recorded["forking_mode"] == "bottom" and recorded["forking_ratio"] == 0.8
-    assert all(name.startswith(("forking_", "dynamic_sampling")) for name in recorded) and "forking_scope" in recorded
+    own = ("forking_", "dynamic_sampling", "entropy_method", "clip_cov_", "kl_cov_", "entropy_adv_")
+    assert all(name.startswith(own) for name in recorded) and "forking_scope" in recorded
     assert recorded["dynamic_sampling"] is False
+    assert recorded["entropy_method"] == "none" and recorded["kl_cov_ratio"] == 2e-3  # the methods' fields too
