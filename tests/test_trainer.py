@@ -343,3 +343,140 @@ def test_end_distributed_ends_training_and_waits_only_with_a_process_group(make_
     monkeypatch.setattr("forking_trl.trainer.dist.is_initialized", lambda: True)
     trainer.end_distributed(grace_s=0.5)
     assert ended == [True, True] and slept == [0.5]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entropy methods: the trainer's whole loss against the reference formulas, on a real micro-batch of the tiny model
+
+
+def reference_logps_and_entropies(trainer, inputs):
+    """Per-token log-probs and entropies of the completion by TRL's own forward (its fused head: the formulas under
+    test start from the log-probs), called directly, outside the trainer's hooks."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    T = inputs["completion_ids"].size(1)
+    logps, entropies, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+        trainer, trainer.model, ids, attention, T, compute_entropy=True
+    )
+    return logps, entropies
+
+
+def reference_aggregate(per_token, mask, loss_type, max_completion_length):
+    """TRL's normalisers, as its documentation states them (one micro-batch, no accumulation, one process)."""
+    per_token = per_token * mask
+    if loss_type == "grpo":
+        return (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if loss_type == "bnpo":
+        return per_token.sum() / mask.sum()
+    if loss_type == "dr_grpo":
+        return per_token.sum() / (per_token.size(0) * max_completion_length)
+    if loss_type == "dapo":
+        return per_token.sum() / mask.sum()  # num_items_in_batch of a generation batch of one micro-batch
+    return per_token.sum(-1).mean()  # luspo
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo", "luspo"])
+@pytest.mark.parametrize("method", ["clip_cov", "kl_cov", "entropy_adv"])
+def test_entropy_method_loss_and_gradients_match_the_reference(make_trainer, method, loss_type):
+    from test_credit import EPS_LOW, ref_clip_cov, ref_entropy_adv, ref_kl_cov
+
+    trainer = make_trainer(
+        loss_type=loss_type,
+        forking_mode="all",
+        entropy_method=method,
+        epsilon=EPS_LOW,
+        clip_cov_ratio=0.2,
+        clip_cov_lb=-1e3,
+        clip_cov_ub=1e3,
+        kl_cov_ratio=0.2,
+        entropy_adv_alpha=2.0,  # large enough that some tokens reach the cap |A|/kappa
+        temperature=0.7,
+    )
+    inputs = fixed_batch(trainer)
+    mask = inputs["completion_mask"].float()
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    with torch.no_grad():
+        logps, _ = reference_logps_and_entropies(trainer, inputs)
+    g = torch.Generator().manual_seed(1)
+    inputs["old_per_token_logps"] = logps + 0.3 * torch.randn(logps.shape, generator=g)  # off-policy
+    adv = inputs["advantages"][:, None].expand_as(mask)
+
+    trainer._forking_generator.manual_seed(5)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    ours = torch.autograd.grad(loss, params)
+
+    torch.manual_seed(5)  # the reference's Clip-Cov draw uses the global generator
+    logps, entropies = reference_logps_and_entropies(trainer, inputs)
+    old, clean = inputs["old_per_token_logps"], torch.where(mask.bool(), logps, 0.0)
+    if method == "clip_cov":
+        per_token = ref_clip_cov(old, clean, adv, mask, ratio=0.2, lb=-1e3, ub=1e3, eps_low=EPS_LOW, eps_high=EPS_LOW)
+    elif method == "kl_cov":
+        per_token = ref_kl_cov(old, clean, adv, mask, ratio=0.2, coef=1.0)
+    else:
+        per_token = ref_entropy_adv(old, clean, adv, entropies, mask, alpha=2.0, kappa=2.0, eps_low=EPS_LOW,
+                                    eps_high=EPS_LOW)  # fmt: skip
+    expected = reference_aggregate(per_token, mask, loss_type, trainer.max_completion_length)
+    reference = torch.autograd.grad(expected, params)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_entropy_methods_compose_with_the_forking_selection(make_trainer):
+    """top 20% with entropy advantage: dropped tokens still get no gradient; kept tokens get the shaped one."""
+    trainer = make_trainer(forking_mode="top", forking_ratio=0.3, entropy_method="entropy_adv", loss_type="dapo")
+    inputs = fixed_batch(trainer)
+    grad, weights, entropies = logps_grad(trainer, inputs)
+    keep = weights != 0
+    valid = inputs["completion_mask"].bool()
+    assert keep.any() and (valid & ~keep).any()
+    assert torch.all(grad[~keep] == 0)
+    adv = inputs["advantages"][:, None].expand_as(weights)
+    psi = torch.minimum(0.4 * entropies, adv.abs() / 2.0)
+    torch.testing.assert_close(weights[keep], (1 + psi / adv)[keep])
+
+
+@pytest.mark.parametrize("method", ["clip_cov", "kl_cov", "entropy_adv"])
+def test_entropy_methods_train_and_log_their_metrics(tiny_model, tmp_path, method):
+    extra = {"kl_cov": dict(steps_per_generation=2, gradient_accumulation_steps=1)}.get(method, {})
+    args = trainer_args(tmp_path, entropy_method=method, forking_mode="all", loss_type="dapo", clip_cov_lb=-1e3,
+                        clip_cov_ub=1e3, **extra)  # fmt: skip
+    trainer = ForkingGRPOTrainer(tiny_model, length_reward, args=args, train_dataset=prompt_dataset())
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert changed(before, trainer.model)
+    for key in ("cov/mean", "cov/kept"):
+        assert all(math.isfinite(v) for v in logged(trainer, key)) and logged(trainer, key)
+    own = {
+        "clip_cov": ["clip_cov/clipped_fraction"],
+        "kl_cov": ["kl_cov/penalized_fraction", "kl_cov/penalty"],
+        "entropy_adv": ["entropy_adv/shaping", "entropy_adv/capped_fraction"],
+    }[method]
+    for key in own:
+        values = logged(trainer, key)
+        assert values and all(math.isfinite(v) and v >= 0 for v in values)
+    assert logged(trainer, own[0])[0] > 0  # the method acted
+    if method == "kl_cov":  # off-policy from the second micro-batch of each generation batch: a non-zero penalty
+        assert max(logged(trainer, "kl_cov/penalty")) > 0
+        assert trainer.epsilon_low == 1.0 and trainer.epsilon_high == math.inf  # the reference has no PPO clip
+
+
+def test_covariance_metric_is_logged_without_a_method(make_trainer):
+    trainer = make_trainer(forking_mode="top", forking_ratio=0.3)
+    logps_grad(trainer, fixed_batch(trainer))
+    metrics = trainer._metrics["train"]
+    assert metrics["cov/mean"] and metrics["cov/kept"] and metrics["cov/dropped"]
+    assert not any(key.startswith(("clip_cov", "kl_cov", "entropy_adv")) for key in metrics)
+
+
+def test_kl_cov_on_policy_warns_that_its_penalty_is_zero(tiny_model, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        ForkingGRPOTrainer(
+            tiny_model,
+            length_reward,
+            args=trainer_args(tmp_path, entropy_method="kl_cov", forking_mode="all"),
+            train_dataset=prompt_dataset(),
+        )
+    assert "penalty |log π − log π_old| is 0 in value and gradient" in caplog.text

@@ -125,3 +125,53 @@ def test_end_distributed_uses_accelerates_end_training_and_shadows_nothing():
     # ForkingGRPOTrainer.end_distributed: trackers finished and the process group destroyed by Accelerate
     assert "self.state.destroy_process_group()" in source(Accelerator.end_training)
     assert not hasattr(GRPOTrainer, "end_distributed")  # a TRL method of that name would be overridden silently
+
+
+def test_entropy_methods_read_what_compute_loss_reads():
+    body = source(GRPOTrainer._compute_loss)
+    # the policy's log-probs (captured for the methods) are computed before the hook is called
+    assert body.index("self._get_per_token_logps_and_entropies(") < body.index("self.get_high_entropy_mask(")
+    # the methods take log pi_old as TRL does: the inputs' old log-probs, else the detached current ones
+    assert 'old_per_token_logps = inputs.get("old_per_token_logps")' in body
+    assert "old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None" in body
+    # KL-Cov opens PPO's clip through these two attributes, read only by the loss and the clip metrics
+    assert "coef_2 = torch.clamp(coef_1, 1 - self.epsilon_low, 1 + self.epsilon_high)" in body
+    init = source(GRPOTrainer.__init__)
+    assert "self.epsilon_low = args.epsilon" in init
+    for name, member in inspect.getmembers(GRPOTrainer, inspect.isfunction):
+        if name not in ("__init__", "_compute_loss"):
+            assert "self.epsilon_low" not in source(member) and "self.epsilon_high" not in source(member), name
+
+
+def test_kl_cov_term_is_normalised_exactly_as_trl_normalises_the_loss(tiny_model, tmp_path):
+    """For each loss type KL-Cov supports: TRL's loss of a per-token loss that is -c on every token (on-policy, beta 0,
+    advantage c) equals forking_trl's `_aggregate_like_trl` of -c, in training (with accumulation) and in eval."""
+    import torch
+
+    from _util import length_reward, prompt_dataset, trainer_args
+    from forking_trl import ForkingGRPOTrainer
+    from forking_trl.config import CLIPPED_SURROGATE_LOSSES
+
+    args = trainer_args(tmp_path, forking_mode="all", gradient_accumulation_steps=2, steps_per_generation=4)
+    trainer = ForkingGRPOTrainer(tiny_model, length_reward, args=args, train_dataset=prompt_dataset())
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 1:] = 0
+    inputs = {
+        "prompt_ids": torch.randint(10, 200, (3, 4), generator=g),
+        "prompt_mask": torch.ones(3, 4, dtype=torch.long),
+        "completion_ids": torch.randint(10, 200, (3, 6), generator=g),
+        "completion_mask": mask,
+        "advantages": torch.full((3,), 0.75),
+        "num_items_in_batch": torch.tensor(37.0),  # the generation batch's count (several micro-batches)
+    }
+    for loss_type in CLIPPED_SURROGATE_LOSSES:
+        trainer.loss_type = loss_type
+        for training in (True, False):
+            trainer.model.train(training)
+            trainer.current_gradient_accumulation_steps = 2
+            with torch.no_grad():
+                trl_loss = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+                ours = trainer._aggregate_like_trl(torch.full(mask.shape, -0.75), mask, inputs)
+            torch.testing.assert_close(ours, trl_loss, msg=f"{loss_type}, training={training}")
