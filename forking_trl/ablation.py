@@ -4,8 +4,12 @@
 
 1. One start model: the tiny offline Qwen3 warm-started on `synthetic_chain` (or any model path). Its held-out
    accuracy (greedy and sampled avg@k) and the entropy pattern of its sampled completions (finding 1).
-2. Every arm from that start, identical but for the forking fields: `all`, `top` 0.2, `bottom` 0.8, `random` 0.2,
-   each over several seeds; each run in its own process (one torch thread each, `parallel` at a time).
+2. Every arm from that start, identical but for the forking and entropy-method fields. Arms are named
+   configurations: the paper's `all`, `top` 0.2, `bottom` 0.8, `random` 0.2, the methods that followed it on all
+   tokens at their papers' defaults, `clip_cov`, `kl_cov` and `entropy_adv`, and any a recipe defines in
+   `arm_configs` (e.g. `top10: {forking_mode: top, forking_ratio: 0.1}`), each over several seeds; every arm's
+   command line is validated before anything trains; each run in its own process (one torch thread each,
+   `parallel` at a time).
 3. Each trained model: held-out accuracy, the entropy pattern of its own completions, and the overlap of its top-20%
    entropy positions with the start model's on the start model's completions (teacher forced; finding 2).
 4. `results.json`, `results.md`, `accuracy.png`, `entropy_training.png`, `start_entropy_histogram.png`,
@@ -18,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -25,9 +30,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# (forking_mode, forking_ratio) of each arm; `random` keeps as many tokens as `top`
-ARMS = {"all": ("all", 1.0), "top": ("top", 0.2), "bottom": ("bottom", 0.8), "random": ("random", 0.2)}
-TRACKED = ("reward", "entropy", "entropy/p50", "entropy/p80", "entropy/p95", "entropy/share_below_0.01")
+# the built-in arms: the fields each sets on top of ARM_BASE (`random` keeps as many tokens as `top`)
+ARM_BASE = {"forking_mode": "all", "forking_ratio": 1.0, "entropy_method": "none"}
+ARMS = {
+    "all": {},
+    "top": {"forking_mode": "top", "forking_ratio": 0.2},
+    "bottom": {"forking_mode": "bottom", "forking_ratio": 0.8},
+    "random": {"forking_mode": "random", "forking_ratio": 0.2},
+    "clip_cov": {"entropy_method": "clip_cov"},  # at the method's defaults (ForkingGRPOConfig), on all tokens
+    "kl_cov": {"entropy_method": "kl_cov"},
+    "entropy_adv": {"entropy_method": "entropy_adv"},
+}
+PAPER_ARMS = ["all", "top", "bottom", "random"]
+TRACKED = (
+    *("reward", "entropy", "entropy/p50", "entropy/p80", "entropy/p95", "entropy/share_below_0.01"),
+    *("cov/mean", "cov/kept", "clip_cov/clipped_fraction", "kl_cov/penalized_fraction", "kl_cov/penalty"),
+    *("entropy_adv/shaping", "entropy_adv/capped_fraction"),
+)
 
 
 @dataclass
@@ -35,9 +54,18 @@ class AblationArguments:
     """What the ablation compares and how it measures; the GRPO settings are the `ForkingGRPOConfig` fields."""
 
     arms: list[str] = field(
-        default_factory=lambda: list(ARMS),
+        default_factory=lambda: list(PAPER_ARMS),
         metadata={
-            "help": f"Arms to train, any of {', '.join(ARMS)} (all: every token; top 0.2; bottom 0.8; random 0.2)."
+            "help": f"Arms to train: built in, {', '.join(ARMS)} (all: every token; top 0.2; bottom 0.8; random "
+            "0.2; an entropy method on all tokens at its defaults), or any named in arm_configs."
+        },
+    )
+    arm_configs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Arms of this recipe: {name: {field: value}} with forking_trl's fields (forking_*, "
+            "entropy_method, clip_cov_*, kl_cov_*, entropy_adv_*), as YAML or JSON. Unset forking_mode, "
+            "forking_ratio and entropy_method are all, 1.0 and none; a built-in name is redefined."
         },
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "GRPO seeds of every arm."})
@@ -75,9 +103,31 @@ class AblationArguments:
     )
 
     def __post_init__(self):
-        unknown = [a for a in self.arms if a not in ARMS]
+        from .config import OWN_FIELD_PREFIXES
+
+        if isinstance(self.arm_configs, str):
+            try:
+                self.arm_configs = json.loads(self.arm_configs)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"arm_configs must be a mapping (YAML, or JSON on the command line): {err}") from err
+        configs = self.arm_configs or {}
+        if not isinstance(configs, dict) or not all(isinstance(v, dict) for v in configs.values()):
+            raise ValueError(f"arm_configs must map arm names to {{field: value}} mappings; got {configs!r}.")
+        for name, overrides in configs.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+                raise ValueError(f"arm_configs: arm name {name!r} must be letters, digits, '_', '.' or '-'.")
+            bad = [k for k in overrides if not str(k).startswith(OWN_FIELD_PREFIXES)]
+            if bad:
+                raise ValueError(
+                    f"arm_configs[{name!r}]: {', '.join(map(repr, bad))} not an arm field; arms differ only in "
+                    f"forking_trl's own fields ({', '.join(p + '*' for p in OWN_FIELD_PREFIXES)})."
+                )
+        known = [*ARMS, *(n for n in configs if n not in ARMS)]
+        unknown = [a for a in self.arms if a not in known]
         if unknown or not self.arms:
-            raise ValueError(f"arms must be a non-empty list of {', '.join(ARMS)}; got {self.arms!r}.")
+            raise ValueError(f"arms must be a non-empty list of {', '.join(known)}; got {self.arms!r}.")
+        if len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"arms must not repeat a name; got {self.arms!r}.")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed.")
         for name in ("num_train", "num_eval", "eval_k", "eval_max_new_tokens", "parallel", "threads_per_run"):
@@ -88,6 +138,10 @@ class AblationArguments:
         if self.quick:  # every stage, small
             self.seeds, self.num_train, self.num_eval, self.eval_k = self.seeds[:1], 2000, 24, 2
             self.sft_steps = min(self.sft_steps, 60)
+
+    def arm_fields(self, arm: str) -> dict:
+        """The forking_trl fields that define `arm` (forking_mode, forking_ratio and entropy_method always)."""
+        return {**ARM_BASE, **ARMS.get(arm, {}), **(self.arm_configs or {}).get(arm, {})}
 
 
 # --quick: GRPO flags appended to the command line (flags override the YAML)
@@ -103,13 +157,25 @@ def make_parser():
     return TrlParser((AblationArguments, ForkingGRPOConfig))
 
 
-def run_flags(argv: list[str], quick: bool, arm: str, seed: int, output_dir: Path) -> list[str]:
-    """The command line of one run: the experiment's, then what differs between runs (flags override the YAML)."""
-    mode, ratio = ARMS[arm]
+def arm_flags(overrides: dict) -> list[str]:
+    """`--field value` for each field (booleans as true/false)."""
+    out = []
+    for name, value in overrides.items():
+        out += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return out
+
+
+def run_flags(
+    argv: list[str], quick: bool, arm: str, seed: int, output_dir: Path, overrides: dict | None = None
+) -> list[str]:
+    """The command line of one run: the experiment's, then what differs between runs (flags override the YAML):
+    the arm's fields (`overrides`, by default the built-in arm's), the seed and the directory."""
+    overrides = {**ARM_BASE, **ARMS[arm]} if overrides is None else overrides
     return [
         *argv,
         *(QUICK_FLAGS if quick else []),
-        *("--forking_mode", mode, "--forking_ratio", str(ratio), "--seed", str(seed)),
+        *arm_flags(overrides),
+        *("--seed", str(seed)),
         *("--output_dir", str(output_dir), "--save_strategy", "no", "--report_to", "none"),
         *("--disable_tqdm", "true", "--forking_log_top_tokens", "0"),
     ]
@@ -274,6 +340,7 @@ def run_ablation(argv: list[str]) -> dict:
     started = time.time()
     ab, training_args = make_parser().parse_args_and_config(argv)
     out = Path(training_args.output_dir)
+    check_arms(ab, argv, out)  # every arm's command line parses and validates, before anything trains
     out.mkdir(parents=True, exist_ok=True)
     train, held = task_data(ab)
     model_path = start_model(ab, out, train)
@@ -321,6 +388,7 @@ def run_ablation(argv: list[str]) -> dict:
     report = {
         "command": "python examples/ablation.py " + " ".join(argv),
         "ablation": dataclasses.asdict(ab),
+        "arm_fields": {arm: ab.arm_fields(arm) for arm in ab.arms},
         "training": {
             k: getattr(training_args, k)
             for k in ("learning_rate", "max_steps", "per_device_train_batch_size", "num_generations", "loss_type")
@@ -334,13 +402,40 @@ def run_ablation(argv: list[str]) -> dict:
     return {**report, "output_dir": str(out)}
 
 
+def check_arms(ab: AblationArguments, argv: list[str], out: Path) -> None:
+    """Parse every arm's command line as its run will (`ForkingGRPOConfig` validates it); `ValueError` naming the arm
+    and its fields otherwise."""
+    import contextlib
+    import io
+
+    for arm in ab.arms:
+        overrides = ab.arm_fields(arm)
+        flags = run_flags(argv, ab.quick, arm, 0, out / "runs" / f"{arm}-check", overrides)
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                _, args = make_parser().parse_args_and_config(flags)
+        except (ValueError, SystemExit) as err:
+            reason = stderr.getvalue().strip().splitlines()[-1:] or [str(err)]
+            raise ValueError(f"arm {arm!r} {overrides} is not a valid configuration: {reason[0]}") from None
+        generate_every = args.steps_per_generation * args.num_iterations
+        if args.entropy_method == "kl_cov" and args.gradient_accumulation_steps % generate_every == 0:
+            print(
+                f"note: arm {arm!r} is KL-Cov on a fully on-policy recipe (steps_per_generation "
+                f"{args.steps_per_generation}, num_iterations {args.num_iterations}, gradient_accumulation_steps "
+                f"{args.gradient_accumulation_steps}): its penalty is 0, so it trains as all tokens on the unclipped "
+                "surrogate (which on-policy equals the clipped one).",
+                flush=True,
+            )
+
+
 def _launch(arm, seed, ab, argv, out, model_path, start_file):
     run_dir = out / "runs" / f"{arm}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = {
         "arm": arm,
         "seed": seed,
-        "argv": run_flags(argv, ab.quick, arm, seed, run_dir),
+        "argv": run_flags(argv, ab.quick, arm, seed, run_dir, ab.arm_fields(arm)),
         "output_dir": str(run_dir),
         "start_model": model_path,
         "start_file": str(start_file),

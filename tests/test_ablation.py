@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from forking_trl.ablation import AblationArguments, make_parser, results_markdown, run_flags, verdicts, write_results
+from forking_trl.ablation import (
+    AblationArguments,
+    check_arms,
+    make_parser,
+    results_markdown,
+    run_flags,
+    verdicts,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,3 +156,56 @@ def test_real_model_recipe_parses_through_the_same_runner():
 
     train, held = task_data(ab)
     assert len(train) == 7473 and len(held) == 500 and train[0]["solution"] and held[0]["solution"]
+
+
+def test_arms_are_named_configurations_validated_before_training(tmp_path):
+    recipe = ["--config", str(ROOT / "examples/recipes/ablation_cpu.yaml"), "--output_dir", str(tmp_path)]
+    custom = '{"top10": {"forking_mode": "top", "forking_ratio": 0.1}, "kl_cov": {"kl_cov_ratio": 0.05}}'
+    ab, _ = make_parser().parse_args_and_config([*recipe, "--arms", "top10", "kl_cov", "--arm_configs", custom])
+    assert ab.arm_fields("top10") == {"forking_mode": "top", "forking_ratio": 0.1, "entropy_method": "none"}
+    assert ab.arm_fields("kl_cov")["entropy_method"] == "kl_cov" and ab.arm_fields("kl_cov")["kl_cov_ratio"] == 0.05
+    assert ab.arm_fields("entropy_adv") == {"forking_mode": "all", "forking_ratio": 1.0, "entropy_method": "entropy_adv"}
+    _, args = make_parser().parse_args_and_config(run_flags(recipe, False, "top10", 1, tmp_path, ab.arm_fields("top10")))
+    assert (args.forking_mode, args.forking_ratio, args.entropy_method, args.seed) == ("top", 0.1, "none", 1)
+    with pytest.raises(ValueError, match="not an arm field"):
+        AblationArguments(arms=["x"], arm_configs={"x": {"learning_rate": 1.0}})
+    with pytest.raises(ValueError, match="arms must be a non-empty list of .*clip_cov, kl_cov, entropy_adv, x"):
+        AblationArguments(arms=["y"], arm_configs={"x": {"forking_mode": "top"}})
+    for bad, reason in (({"forking_ratio": 0}, "forking_ratio must be"), ({"clip_cov_lb": 9.0}, "clip_cov_lb")):
+        argv = [*recipe, "--arms", "x", "--arm_configs", json.dumps({"x": bad})]
+        ab, _ = make_parser().parse_args_and_config(argv)
+        with pytest.raises(ValueError, match=f"arm 'x' .* is not a valid configuration: .*{reason}"):
+            check_arms(ab, argv, tmp_path)
+    argv = [*recipe, "--arms", "x", "--arm_configs", '{"x": {"entropy_method": "foo"}}']
+    ab, _ = make_parser().parse_args_and_config(argv)
+    with pytest.raises(ValueError, match="invalid choice: 'foo'"):
+        check_arms(ab, argv, tmp_path)
+
+
+@pytest.mark.slow
+def test_quick_runs_every_entropy_method_and_a_recipe_arm(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    custom = '{"top_adv": {"forking_mode": "top", "forking_ratio": 0.2, "entropy_method": "entropy_adv"}}'
+    cmd = [sys.executable, "examples/ablation.py", "--config", "examples/recipes/ablation_cpu.yaml", "--quick", "true"]
+    done = subprocess.run(
+        [*cmd, "--output_dir", str(tmp_path), "--arms", "all", "clip_cov", "kl_cov", "entropy_adv", "top_adv"]
+        + ["--arm_configs", custom, "--steps_per_generation", "2", "--clip_cov_ratio", "0.05"],  # KL-Cov off-policy
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert list(report["arms"]) == ["all", "clip_cov", "kl_cov", "entropy_adv", "top_adv"]
+    assert report["arm_fields"]["top_adv"] == {"forking_mode": "top", "forking_ratio": 0.2, "entropy_method": "entropy_adv"}
+
+    def seen(arm, key):
+        return [h[key] for h in report["arms"][arm]["runs"][0]["history"] if key in h]
+
+    assert seen("all", "cov/mean") and not seen("all", "clip_cov/clipped_fraction")
+    assert max(seen("clip_cov", "clip_cov/clipped_fraction")) > 0
+    assert max(seen("kl_cov", "kl_cov/penalized_fraction")) > 0
+    assert max(seen("entropy_adv", "entropy_adv/shaping")) > 0 and max(seen("top_adv", "entropy_adv/shaping")) > 0
+    assert "| kl_cov |" in (tmp_path / "results.md").read_text() and "kl_cov vs all" in done.stdout
