@@ -1,7 +1,11 @@
-"""avg@k accuracy on the bundled benchmarks (AIME'24, AIME'25, AMC'23, MATH-500, Minerva, OlympiadBench).
+"""avg@k and pass@k on the bundled benchmarks (AIME'24, AIME'25, AMC'23, MATH-500, Minerva, OlympiadBench).
 
     python examples/evaluate.py --model Qwen/Qwen3-8B-Base --k 16 --max_new_tokens 20480
     python examples/evaluate.py --model outputs/demo/tiny-sft --benchmarks aime24 --limit 4 --k 2 --max_new_tokens 16
+
+pass@k for k = 1, 2, 4, ..., N from N samples per problem (the unbiased estimator of Chen et al. 2021):
+
+    python examples/evaluate.py --model M --benchmarks aime24 aime25 --pass_k 64 --max_new_tokens 8192
 
 The paper's decoding experiment (higher temperature on forking tokens) is one flag away:
 
@@ -23,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from forking_trl.data import BENCHMARKS, load_math_dataset  # noqa: E402
+from forking_trl.evaluation import count_correct, pass_at_k_curve  # noqa: E402
 from forking_trl.rewards import accuracy_reward  # noqa: E402
 
 
@@ -55,7 +60,7 @@ def transformers_generator(model_path, args):
                 model,
                 tokenizer,
                 prompts,
-                num_return_sequences=args.k,
+                num_return_sequences=args.num_samples,
                 temperature=temperature,
                 top_p=args.top_p,
                 max_new_tokens=args.max_new_tokens,
@@ -73,7 +78,7 @@ def vllm_generator(model_path, args):
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model_path, dtype=args.dtype)
-    params = SamplingParams(n=args.k, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens)
+    params = SamplingParams(n=args.num_samples, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens)
 
     def generate(prompts):
         return [[o.text for o in r.outputs] for r in llm.chat(prompts, params)]
@@ -88,6 +93,13 @@ def main():
         "--benchmarks", nargs="+", default=list(BENCHMARKS), help=f"any of {', '.join(BENCHMARKS)}, or files"
     )
     parser.add_argument("--k", type=int, default=4, help="samples per problem (avg@k)")
+    parser.add_argument(
+        "--pass_k",
+        type=int,
+        default=0,
+        help="samples per problem for pass@k at k = 1, 2, 4, ..., pass_k (unbiased estimator); 0: off. avg@k is "
+        "then taken from the first k of them",
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
     parser.add_argument("--max_new_tokens", type=int, default=4096)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -103,6 +115,9 @@ def main():
     parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto")
     parser.add_argument("--output", default="outputs/eval.json")
     args = parser.parse_args()
+    if args.k < 1 or args.pass_k < 0:
+        parser.error(f"--k must be >= 1 and --pass_k >= 0; got {args.k} and {args.pass_k}")
+    args.num_samples = max(args.k, args.pass_k)
 
     backend = args.backend
     if backend == "auto":
@@ -123,11 +138,15 @@ def main():
         samples = generate(prompts)
         per_problem = []
         for completions, gold in zip(samples, data["solution"], strict=True):
-            rewards = accuracy_reward(completions, [gold] * len(completions))
+            rewards = accuracy_reward(completions[: args.k], [gold] * args.k)
             scored = [r for r in rewards if r is not None]
             per_problem.append(sum(scored) / len(scored) if scored else None)
         scored = [p for p in per_problem if p is not None]
         results[name] = {"avg@k": sum(scored) / len(scored) if scored else None, "k": args.k, "problems": len(scored)}
+        if args.pass_k:
+            correct = [c for c in count_correct(samples, list(data["solution"])) if c is not None]
+            curve = pass_at_k_curve(correct, args.pass_k)
+            results[name]["pass@k"] = {str(k): v for k, v in curve.items()}
 
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     report = {
@@ -138,10 +157,12 @@ def main():
         "results": results,
     }
     Path(args.output).write_text(json.dumps(report, indent=2))
-    print(f"\n{'benchmark':<16}{'avg@' + str(args.k):>10}{'problems':>10}")
+    ks = list(next(iter(results.values())).get("pass@k", {})) if results else []
+    print(f"\n{'benchmark':<16}{'avg@' + str(args.k):>10}{'problems':>10}" + "".join(f"{'pass@' + k:>10}" for k in ks))
     for name, r in results.items():
         value = f"{100 * r['avg@k']:.1f}" if r["avg@k"] is not None else "-"
-        print(f"{name:<16}{value:>10}{r['problems']:>10}")
+        passes = "".join(f"{100 * r['pass@k'][k]:>10.1f}" for k in ks)
+        print(f"{name:<16}{value:>10}{r['problems']:>10}{passes}")
     print(f"\nwritten: {args.output}")
 
 

@@ -83,6 +83,16 @@ class AblationArguments:
     num_train: int = field(default=20000, metadata={"help": "Training problems (chain task; a cap otherwise)."})
     num_eval: int = field(default=200, metadata={"help": "Held-out problems (never in the training set)."})
     eval_k: int = field(default=4, metadata={"help": "Samples per held-out problem for sampled avg@k (T = 1)."})
+    pass_k: int = field(
+        default=0,
+        metadata={
+            "help": "Samples per held-out problem for pass@k at T = 1, reported for k = 1, 2, 4, ..., pass_k "
+            "(unbiased estimator, Chen et al. 2021); 0: off."
+        },
+    )
+    pass_k_problems: int = field(
+        default=0, metadata={"help": "Held-out problems pass@k is measured on (the first ones); 0: all num_eval."}
+    )
     eval_max_new_tokens: int = field(default=40, metadata={"help": "Completion length at evaluation."})
     eval_batch_size: int = field(default=64, metadata={"help": "Prompts per generate call at evaluation."})
     max_operand: int = field(default=20, metadata={"help": "Chain task: operands from 0 to this."})
@@ -133,11 +143,15 @@ class AblationArguments:
         for name in ("num_train", "num_eval", "eval_k", "eval_max_new_tokens", "parallel", "threads_per_run"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)!r}.")
+        for name in ("pass_k", "pass_k_problems"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}.")
         if self.task != "chain" and self.eval_dataset is None:
             raise ValueError(f"task={self.task!r} needs eval_dataset (a bundled name or file held out from it).")
         if self.quick:  # every stage, small
             self.seeds, self.num_train, self.num_eval, self.eval_k = self.seeds[:1], 2000, 24, 2
             self.sft_steps = min(self.sft_steps, 60)
+            self.pass_k, self.pass_k_problems = min(self.pass_k, 4), 8
 
     def arm_fields(self, arm: str) -> dict:
         """The forking_trl fields that define `arm` (forking_mode, forking_ratio and entropy_method always)."""
@@ -260,7 +274,7 @@ def measure(model_path: str, ab: AblationArguments, held: list[dict], start_samp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .analysis import entropy_summary, overlap_summary, score_entropies
-    from .evaluation import evaluate
+    from .evaluation import evaluate, sample_pass_at_k
 
     torch.manual_seed(1234)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -275,6 +289,11 @@ def measure(model_path: str, ab: AblationArguments, held: list[dict], start_samp
         "accuracy": ev.as_dict(),
         "entropy": {key: summary[key] for key in ("num_tokens", "mean_entropy", "percentiles", "share_below_0.01")},
     }
+    if ab.pass_k:
+        problems = held[: ab.pass_k_problems or len(held)]
+        result["pass_at_k"] = sample_pass_at_k(
+            model, tokenizer, problems, n=ab.pass_k, max_new_tokens=ab.eval_max_new_tokens, batch_size=ab.eval_batch_size
+        )
     if start_samples is not None:
         on_start = score_entropies(model, tokenizer, start_samples, batch_size=ab.eval_batch_size)
         overlap = overlap_summary(start_scored, on_start, ratio=0.2)
@@ -488,12 +507,18 @@ def _arm_summary(runs: list[dict]) -> dict:
         "greedy": _mean_std([r["accuracy"]["greedy"] for r in runs]),
         "sampled": _mean_std([r["accuracy"]["sampled"] for r in runs]),
         "overlap": _mean_std([r["overlap"]["overlap"] for r in runs]),
+        **({"pass_at_k": _pass_at_k_summary(runs)} if "pass_at_k" in runs[0] else {}),
         "final_entropy": {
             "share_below_0.01": _mean_std([r["entropy"]["share_below_0.01"] for r in runs]),
             **{q: _mean_std([r["entropy"]["percentiles"][q] for r in runs]) for q in ("p50", "p80", "p95")},
         },
         "runs": runs,
     }
+
+
+def _pass_at_k_summary(runs: list[dict]) -> dict:
+    ks = runs[0]["pass_at_k"]["pass_at_k"]
+    return {k: _mean_std([r["pass_at_k"]["pass_at_k"][k] for r in runs]) for k in ks}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -507,6 +532,8 @@ def write_results(report: dict, out: Path) -> None:
     (out / "results.md").write_text(results_markdown(report))
     plot_accuracy(report, out / "accuracy.png")
     plot_entropy_training(report, out / "entropy_training.png")
+    if "pass_at_k" in report["start"]:
+        plot_pass_at_k(report, out / "pass_at_k.png")
 
 
 def _pct(stat: dict) -> str:
@@ -537,6 +564,20 @@ def results_markdown(report: dict) -> str:
             f"{100 * (s['mean'] - start['accuracy']['sampled']):+.1f} | {_pct(a['overlap'])} | "
             f"{_pct(a['final_entropy']['share_below_0.01'])} |"
         )
+    if "pass_at_k" in start:
+        p = start["pass_at_k"]
+        ks = list(p["pass_at_k"])
+        lines += [
+            "",
+            f"pass@k at T = 1 on {p['num_problems']} held-out problems, {p['n']} samples each (unbiased estimator), "
+            "mean ± standard deviation over seeds:",
+            "",
+            "| model | " + " | ".join(f"pass@{k} %" for k in ks) + " |",
+            "|---|" + "---:|" * len(ks),
+            "| start | " + " | ".join(f"{100 * p['pass_at_k'][k]:.1f}" for k in ks) + " |",
+        ]
+        for arm, a in arms.items():
+            lines.append(f"| {arm} | " + " | ".join(_pct(a["pass_at_k"][k]) for k in ks) + " |")
     lines += ["", *verdicts(report), ""]
     return "\n".join(lines)
 
@@ -548,12 +589,16 @@ def verdicts(report: dict) -> list[str]:
     if "all" not in arms:
         return ["No `all` arm to compare with."]
     out = []
+    measures = [(("greedy",), "greedy"), (("sampled",), "avg@k")]
+    if "pass_at_k" in arms["all"]:
+        ks = list(arms["all"]["pass_at_k"])
+        measures += [(("pass_at_k", k), f"pass@{k}") for k in dict.fromkeys([ks[0], ks[-1]])]
     for arm, a in arms.items():
         if arm == "all":
             continue
         parts = []
-        for key, name in (("greedy", "greedy"), ("sampled", "avg@k")):
-            s, base = a[key], arms["all"][key]
+        for path, name in measures:
+            s, base = _lookup(a, path), _lookup(arms["all"], path)
             diff = 100 * (s["mean"] - base["mean"])
             if min(s["n"], base["n"]) < 2:
                 parts.append(f"{name} {diff:+.1f} points (one seed: no spread to judge it by)")
@@ -563,6 +608,12 @@ def verdicts(report: dict) -> list[str]:
             parts.append(f"{name} {diff:+.1f} points (two standard errors {se2:.1f}: {verdict})")
         out.append(f"- {arm} vs all: " + "; ".join(parts) + ".")
     return out
+
+
+def _lookup(d: dict, path: tuple):
+    for key in path:
+        d = d[key]
+    return d
 
 
 def _pyplot():
@@ -595,6 +646,33 @@ def plot_accuracy(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_pass_at_k(report: dict, path: Path) -> None:
+    """pass@k against k per arm (line: mean over seeds; band: min to max), the start model dashed."""
+    plt = _pyplot()
+    start = report["start"]["pass_at_k"]
+    ks = list(start["pass_at_k"])
+    x = [int(k) for k in ks]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(x, [100 * start["pass_at_k"][k] for k in ks], color="gray", linestyle="--", marker="o", label="start")
+    for i, (arm, a) in enumerate(report["arms"].items()):
+        stats = [a["pass_at_k"][k] for k in ks]
+        ax.plot(x, [100 * s["mean"] for s in stats], color=f"C{i}", marker="o", markersize=3, label=arm)
+        low = [100 * min(v for v in s["values"] if v is not None) for s in stats]
+        high = [100 * max(v for v in s["values"] if v is not None) for s in stats]
+        ax.fill_between(x, low, high, color=f"C{i}", alpha=0.12)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, ks)
+    ax.set(
+        xlabel="k (samples drawn)",
+        ylabel="pass@k, % of problems",
+        title=f"pass@k at T = 1, {start['num_problems']} held-out problems, n = {start['n']}",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _rolling(values: list[float], window: int = 10) -> list[float]:
     return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
 
@@ -602,12 +680,14 @@ def _rolling(values: list[float], window: int = 10) -> list[float]:
 def plot_entropy_training(report: dict, path: Path) -> None:
     """Entropy over training per arm (mean over seeds, band: min to max): mean, p80, and share below 0.01 nats."""
     plt = _pyplot()
-    panels = (
+    panels = [
         ("entropy", "mean entropy (nats)"),
         ("entropy/p80", "p80 entropy (nats)"),
         ("entropy/share_below_0.01", "share of tokens < 0.01 nats"),
-    )
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    ]
+    if any("cov/mean" in h for a in report["arms"].values() for r in a["runs"] for h in r["history"]):
+        panels.append(("cov/mean", "cov(log π, A), mean over tokens"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4))
     for i, (arm, a) in enumerate(report["arms"].items()):
         for ax, (key, label) in zip(axes, panels):
             series = [[h[key] for h in r["history"] if key in h] for r in a["runs"]]

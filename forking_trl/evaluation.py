@@ -1,12 +1,15 @@
-"""Held-out accuracy of a causal LM on math prompts: greedy and sampled avg@k, with the verifiable reward.
+"""Held-out accuracy of a causal LM on math prompts: greedy, sampled avg@k and pass@k, with the verifiable reward.
 
 One implementation for `examples/evaluate.py`, the ablation (`forking_trl.ablation`) and the demo. Generation is
-transformers `generate` (batched, left-padded); the reward is `forking_trl.rewards.accuracy_reward`.
+transformers `generate` (batched, left-padded); the reward is `forking_trl.rewards.accuracy_reward`. pass@k is the
+unbiased estimator of Chen et al. 2021 (the Codex paper) from n >= k samples per problem.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import math
 
 import torch
 
@@ -119,3 +122,83 @@ def evaluate(
 def _mean(rewards: list[float | None]) -> float:
     scored = [r for r in rewards if r is not None]
     return sum(scored) / len(scored) if scored else float("nan")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from `n` samples of which `c` are correct (Chen et al. 2021, "Evaluating Large Language Models
+    Trained on Code", Sec. 2.1): 1 - C(n - c, k) / C(n, k), the probability that k of the n samples drawn without
+    replacement include a correct one. Computed as a product (no large binomials); needs 0 <= c <= n and 1 <= k <= n.
+    """
+    for name, value in (("n", n), ("c", c), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"pass_at_k: {name} must be an int; got {value!r}.")
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}.")
+    if n - c < k:  # every draw of k includes a correct sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def pass_at_k_ks(n: int) -> list[int]:
+    """k = 1, 2, 4, ... up to n (n itself included when it is not a power of two)."""
+    ks = [2**i for i in range(n.bit_length()) if 2**i <= n]
+    return ks if ks[-1] == n else [*ks, n]
+
+
+def pass_at_k_curve(correct: list[int], n: int, ks: list[int] | None = None) -> dict[int, float]:
+    """Mean pass@k over problems, each with `correct[i]` of `n` samples right; for each k of `ks` (default
+    `pass_at_k_ks(n)`)."""
+    ks = pass_at_k_ks(n) if ks is None else ks
+    if not correct:
+        return {k: float("nan") for k in ks}
+    return {k: sum(pass_at_k(n, c, k) for c in correct) / len(correct) for k in ks}
+
+
+def count_correct(completions: list[list[str]], golds: list) -> list[int | None]:
+    """Per problem, the number of correct completions; None for a problem the verifier cannot grade (no gold)."""
+    out = []
+    for group, gold in zip(completions, golds, strict=True):
+        rewards = accuracy_reward(group, [gold] * len(group))
+        out.append(None if all(r is None for r in rewards) else sum(1 for r in rewards if r))
+    return out
+
+
+def sample_pass_at_k(
+    model,
+    tokenizer,
+    rows: list[dict],
+    *,
+    n: int = 64,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+    progress=None,
+) -> dict:
+    """Sample `n` completions per problem at `temperature` and estimate pass@k for k = 1, 2, 4, ..., n.
+
+    Returns `{"n", "num_problems", "pass_at_k": {k: mean over problems}, "correct": [c per problem]}`; problems the
+    verifier cannot grade are left out.
+    """
+    if n < 1:
+        raise ValueError(f"n (samples per problem) must be >= 1; got {n}.")
+    was_training = model.training
+    model.eval()
+    ids = generate(
+        model,
+        tokenizer,
+        [r["prompt"] for r in rows],
+        num_return_sequences=n,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        batch_size=max(1, batch_size // n),
+        progress=progress,
+    )
+    model.train(was_training)
+    texts = [[tokenizer.decode(x, skip_special_tokens=True) for x in group] for group in ids]
+    correct = [c for c in count_correct(texts, [r["solution"] for r in rows]) if c is not None]
+    return {
+        "n": n,
+        "num_problems": len(correct),
+        "pass_at_k": {str(k): v for k, v in pass_at_k_curve(correct, n).items()},
+        "correct": correct,
+    }

@@ -209,3 +209,26 @@ def test_quick_runs_every_entropy_method_and_a_recipe_arm(tmp_path):
     assert max(seen("kl_cov", "kl_cov/penalized_fraction")) > 0
     assert max(seen("entropy_adv", "entropy_adv/shaping")) > 0 and max(seen("top_adv", "entropy_adv/shaping")) > 0
     assert "| kl_cov |" in (tmp_path / "results.md").read_text() and "kl_cov vs all" in done.stdout
+
+
+def test_pass_at_k_table_verdicts_and_plot(tmp_path):
+    report = small_report({"all": [0.5, 0.52, 0.48], "top": [0.51, 0.49, 0.5]})
+
+    def curve(scale):
+        return {"1": 0.3 * scale, "2": 0.45 * scale, "4": 0.6 * scale}
+
+    report["start"]["pass_at_k"] = {"n": 4, "num_problems": 10, "pass_at_k": curve(1.0), "correct": [1] * 10}
+    for arm, scales in (("all", [1.0, 1.1, 0.9]), ("top", [1.3, 1.35, 1.25])):
+        runs = report["arms"][arm]["runs"]
+        for run, scale in zip(runs, scales):
+            run["pass_at_k"] = {"n": 4, "num_problems": 10, "pass_at_k": curve(scale)}
+        from forking_trl.ablation import _pass_at_k_summary
+
+        report["arms"][arm]["pass_at_k"] = _pass_at_k_summary(runs)
+    write_results(report, tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    assert "| model | pass@1 % | pass@2 % | pass@4 % |" in table and "| start | 30.0 | 45.0 | 60.0 |" in table
+    assert "| top | 39.0 ± 1.5 | 58.5 ± 2.3 | 78.0 ± 3.0 |" in table
+    (line,) = verdicts(report)
+    assert "pass@1 +9.0 points" in line and "pass@4 +18.0 points" in line and "exceeds the seed spread" in line
+    assert (tmp_path / "pass_at_k.png").stat().st_size > 10_000

@@ -129,14 +129,18 @@ def test_demo_script_grpo_script_and_evaluate_end_to_end(tmp_path):
             "0.5",
             "--high_temperature",
             "1.2",
+            "--pass_k",
+            "4",
             "--output",
             str(tmp_path / "eval.json"),
         ],
         ROOT,
     )
-    assert "aime24" in table
+    assert "aime24" in table and "pass@4" in table
     report = json.loads((tmp_path / "eval.json").read_text())
     assert set(report["results"]) == {"aime24", "amc23"} and report["results"]["aime24"]["problems"] == 2
+    curve = report["results"]["aime24"]["pass@k"]
+    assert list(curve) == ["1", "2", "4"] and all(0 <= v <= 1 for v in curve.values())
 
 
 @pytest.mark.slow
