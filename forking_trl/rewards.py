@@ -21,6 +21,7 @@ import importlib
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import select
@@ -46,7 +47,9 @@ MAX_NESTING = 16  # brackets nested deeper than this: not credited, never parsed
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE = re.compile(r"[{}]")
 _HASHES = re.compile(r"####\s*([^\n]+)")
-_ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
+# `(?:\s*:)?\s*`, not `\s*:?\s*`: two whitespace runs around an optional colon split a long run of newlines in
+# quadratically many ways before `[^\n]+` fails; this form tries each split once (linear)
+_ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)(?:\s*:)?\s*([^\n]+)", re.IGNORECASE)
 # a number: commas only as thousands separators (1,234), so a list such as 1,2 is never read as 12
 _DIGITS = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+"
 _NUMBER = re.compile(rf"-?(?:{_DIGITS})(?:/\d+)?")
@@ -128,7 +131,12 @@ def _too_hostile(answer: str) -> bool:
 
 
 def _missing(gold) -> bool:
-    return gold is None or (isinstance(gold, float) and math.isnan(gold))
+    """No gold: None, or a NaN of any real type (Python's float, NumPy's float32/float64, ...)."""
+    if gold is None:
+        return True
+    if isinstance(gold, numbers.Real) and not isinstance(gold, (bool, int)):
+        return math.isnan(float(gold))
+    return False
 
 
 def _as_number(s: str) -> Fraction | None:

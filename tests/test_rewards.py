@@ -201,3 +201,43 @@ def test_fork_while_another_thread_grades_does_not_hang_the_child():
     slow.join(timeout=30)
     for worker_pid in parent_workers:  # the child's exit did not kill the parent's workers
         os.kill(worker_pid, 0)
+
+
+def test_numpy_nan_gold_is_skipped_like_a_python_nan():
+    import numpy as np
+
+    completions = ["\\boxed{nan}", "\\boxed{4}", "\\boxed{4}"]
+    golds = [np.float32("nan"), np.float64("nan"), np.float32(4.0)]
+    assert accuracy_reward(completions, golds) == [None, None, 1.0]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: "So the answer is" + "\n" * n,
+        lambda n: "Answer:" + "\n" * n,
+        lambda n: "The final answer is:" + " \n" * n,
+        lambda n: "answer" + "\n" * n + "is" + "\n" * n,
+        lambda n: "#### " + "\n" * n,
+        lambda n: "\\boxed{" + "\n" * n,
+        lambda n: "\\boxed{" * n,
+        lambda n: "answer " * n,
+        lambda n: "1," * n,
+    ],
+)
+def test_answer_extraction_grows_linearly_on_adversarial_inputs(make):
+    """The extraction runs in the training process before any worker deadline: every path must be linear. Checked
+    by growth: 4x the input must cost well under 16x (quadratic) the time; each figure the best of 3 (no wall time)."""
+
+    def cost(n: int) -> float:
+        text = make(n)
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(10):
+                extract_answer(text)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    small, large = cost(2000), cost(8000)
+    assert large / small < 9, f"4x the input took {large / small:.1f}x the time ({small:.4f} s -> {large:.4f} s)"
