@@ -34,7 +34,7 @@ endif
 endif
 endif
 
-.PHONY: install demo test bench ablation
+.PHONY: install demo test bench ablation collapse
 
 install: $(STAMP)
 
@@ -70,3 +70,9 @@ bench: $(STAMP)
 # the paper's findings in miniature (about 15 minutes on 2 CPU cores): writes outputs/ablation/results.md and plots
 ablation: $(STAMP)
 	$(PY) examples/ablation.py --config examples/recipes/ablation_cpu.yaml --output_dir outputs/ablation
+
+# entropy collapse in miniature (about an hour on 2 CPU cores): the downward and the upward regime, six arms x 3 seeds,
+# pass@k up to 64; writes outputs/collapse/ and outputs/collapse_unstable/ (results.md and plots each)
+collapse: $(STAMP)
+	$(PY) examples/ablation.py --config examples/recipes/collapse_cpu.yaml --output_dir outputs/collapse
+	$(PY) examples/ablation.py --config examples/recipes/collapse_unstable_cpu.yaml --output_dir outputs/collapse_unstable

@@ -72,6 +72,10 @@ class ForkingGRPOTrainer(GRPOTrainer):
     entropy pattern of all valid completion tokens of all processes, `entropy/p50`, `entropy/p80`, `entropy/p95`
     (exact nearest-rank percentiles by radix select, about 8 KiB communicated each) and `entropy/share_below_0.01`,
     from the entropies the selection already has. TRL's own `entropy` metric stays the mean over all valid tokens.
+    `cov/mean`, `cov/kept`, `cov/dropped`: the mean of cov_t = (A_t - mean A)(log pi_t - mean log pi) over those
+    tokens (the covariance that drives entropy down when positive), from the step's own log-probs and advantages;
+    with an `entropy_method`, its counts (`clip_cov/clipped_fraction`, `kl_cov/penalized_fraction`,
+    `kl_cov/penalty`, `entropy_adv/shaping`, `entropy_adv/capped_fraction`).
     TRL's entropy bonus (`entropy_coef`, `use_adaptive_entropy`, logged as `entropy_coef`) acts on the kept tokens
     only, and its adaptive controller measures their entropy; the config refuses the combination unless
     `forking_kept_entropy_bonus=True`.

@@ -183,13 +183,16 @@ def test_arms_are_named_configurations_validated_before_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_runs_every_entropy_method_and_a_recipe_arm(tmp_path):
+def test_collapse_recipe_quick_runs_every_entropy_method_pass_at_k_and_a_recipe_arm(tmp_path):
+    """`--quick` over the collapse recipe: its six arms (all, top, random and the three methods) plus an arm defined
+    on the command line, pass@k for the start model and every run, and the methods' metrics in the histories."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     custom = '{"top_adv": {"forking_mode": "top", "forking_ratio": 0.2, "entropy_method": "entropy_adv"}}'
-    cmd = [sys.executable, "examples/ablation.py", "--config", "examples/recipes/ablation_cpu.yaml", "--quick", "true"]
+    cmd = [sys.executable, "examples/ablation.py", "--config", "examples/recipes/collapse_cpu.yaml", "--quick", "true"]
+    arms = ["all", "top", "random", "clip_cov", "kl_cov", "entropy_adv", "top_adv"]
     done = subprocess.run(
-        [*cmd, "--output_dir", str(tmp_path), "--arms", "all", "clip_cov", "kl_cov", "entropy_adv", "top_adv"]
-        + ["--arm_configs", custom, "--steps_per_generation", "2", "--clip_cov_ratio", "0.05"],  # KL-Cov off-policy
+        [*cmd, "--output_dir", str(tmp_path), "--arms", *arms, "--arm_configs", custom]
+        + ["--clip_cov_ratio", "0.05", "--clip_cov_lb", "-1000"],  # so that Clip-Cov acts within 3 steps
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -198,17 +201,23 @@ def test_quick_runs_every_entropy_method_and_a_recipe_arm(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((tmp_path / "results.json").read_text())
-    assert list(report["arms"]) == ["all", "clip_cov", "kl_cov", "entropy_adv", "top_adv"]
+    assert list(report["arms"]) == arms
     assert report["arm_fields"]["top_adv"] == {"forking_mode": "top", "forking_ratio": 0.2, "entropy_method": "entropy_adv"}
+    assert list(report["start"]["pass_at_k"]["pass_at_k"]) == ["1", "2", "4"]  # --quick: n = 4
+    for arm in arms:
+        assert set(report["arms"][arm]["pass_at_k"]) == {"1", "2", "4"}
 
     def seen(arm, key):
         return [h[key] for h in report["arms"][arm]["runs"][0]["history"] if key in h]
 
     assert seen("all", "cov/mean") and not seen("all", "clip_cov/clipped_fraction")
     assert max(seen("clip_cov", "clip_cov/clipped_fraction")) > 0
-    assert max(seen("kl_cov", "kl_cov/penalized_fraction")) > 0
+    assert max(seen("kl_cov", "kl_cov/penalized_fraction")) > 0  # steps_per_generation 2: off-policy, no note
+    assert "KL-Cov on a fully on-policy recipe" not in done.stdout
     assert max(seen("entropy_adv", "entropy_adv/shaping")) > 0 and max(seen("top_adv", "entropy_adv/shaping")) > 0
-    assert "| kl_cov |" in (tmp_path / "results.md").read_text() and "kl_cov vs all" in done.stdout
+    table = (tmp_path / "results.md").read_text()
+    assert "| kl_cov |" in table and "pass@4 %" in table and "kl_cov vs all" in done.stdout
+    assert (tmp_path / "pass_at_k.png").stat().st_size > 10_000
 
 
 def test_pass_at_k_table_verdicts_and_plot(tmp_path):
@@ -232,3 +241,14 @@ def test_pass_at_k_table_verdicts_and_plot(tmp_path):
     (line,) = verdicts(report)
     assert "pass@1 +9.0 points" in line and "pass@4 +18.0 points" in line and "exceeds the seed spread" in line
     assert (tmp_path / "pass_at_k.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("recipe", ["ablation_cpu.yaml", "collapse_cpu.yaml", "collapse_unstable_cpu.yaml"])
+def test_runner_recipes_parse_and_every_arm_validates(recipe, tmp_path, capsys):
+    argv = ["--config", str(ROOT / "examples/recipes" / recipe), "--output_dir", str(tmp_path)]
+    ab, args = make_parser().parse_args_and_config(argv)
+    check_arms(ab, argv, tmp_path)
+    if recipe.startswith("collapse"):
+        assert ab.arms == ["all", "top", "random", "clip_cov", "kl_cov", "entropy_adv"] and ab.pass_k == 64
+        assert args.steps_per_generation == 2 > args.gradient_accumulation_steps  # KL-Cov's penalty acts
+        assert "on-policy" not in capsys.readouterr().out

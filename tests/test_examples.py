@@ -17,10 +17,14 @@ def run(args, cwd):
     return done.stdout
 
 
-# the ablation's recipes go through its own parser: tests/test_ablation.py
+# the ablation runner's recipes (ablation_*, collapse_*) go through its own parser: tests/test_ablation.py
 @pytest.mark.parametrize(
     "recipe",
-    sorted(p.name for p in (ROOT / "examples" / "recipes").glob("*.yaml") if not p.name.startswith("ablation_")),
+    sorted(
+        p.name
+        for p in (ROOT / "examples" / "recipes").glob("*.yaml")
+        if not p.name.startswith(("ablation_", "collapse_"))
+    ),
 )
 def test_recipes_parse_with_the_script_parser(recipe):
     from grpo_math import make_parser
