@@ -78,7 +78,9 @@ def vllm_generator(model_path, args):
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model_path, dtype=args.dtype)
-    params = SamplingParams(n=args.num_samples, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens)
+    params = SamplingParams(
+        n=args.num_samples, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens
+    )
 
     def generate(prompts):
         return [[o.text for o in r.outputs] for r in llm.chat(prompts, params)]

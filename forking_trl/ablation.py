@@ -292,7 +292,12 @@ def measure(model_path: str, ab: AblationArguments, held: list[dict], start_samp
     if ab.pass_k:
         problems = held[: ab.pass_k_problems or len(held)]
         result["pass_at_k"] = sample_pass_at_k(
-            model, tokenizer, problems, n=ab.pass_k, max_new_tokens=ab.eval_max_new_tokens, batch_size=ab.eval_batch_size
+            model,
+            tokenizer,
+            problems,
+            n=ab.pass_k,
+            max_new_tokens=ab.eval_max_new_tokens,
+            batch_size=ab.eval_batch_size,
         )
     if start_samples is not None:
         on_start = score_entropies(model, tokenizer, start_samples, batch_size=ab.eval_batch_size)

@@ -112,19 +112,20 @@ def test_writers_make_every_file(tmp_path):
         assert (tmp_path / png).stat().st_size > 10_000
 
 
-@pytest.mark.slow
-def test_quick_runs_every_stage_end_to_end(tmp_path):
+def run_quick(recipe: str, out, *flags: str) -> tuple[dict, str]:
+    """`examples/ablation.py --config RECIPE --quick true` in a process; (results.json, stdout)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "examples/ablation.py", "--config", "examples/recipes/ablation_cpu.yaml"]
+    cmd = [sys.executable, "examples/ablation.py", "--config", f"examples/recipes/{recipe}", "--quick", "true"]
     done = subprocess.run(
-        [*cmd, "--output_dir", str(tmp_path), "--quick", "true"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [*cmd, "--output_dir", str(out), *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((out / "results.json").read_text()), done.stdout
+
+
+@pytest.mark.slow
+def test_quick_runs_every_stage_end_to_end(tmp_path):
+    report, _ = run_quick("ablation_cpu.yaml", tmp_path)
     report = json.loads((tmp_path / "results.json").read_text())
     assert {"greedy", "sampled", "k"} <= set(report["start"]["accuracy"])
     assert "share_below_0.01" in report["start"]["entropy"] and "p80" in report["start"]["entropy"]["percentiles"]
@@ -164,8 +165,14 @@ def test_arms_are_named_configurations_validated_before_training(tmp_path):
     ab, _ = make_parser().parse_args_and_config([*recipe, "--arms", "top10", "kl_cov", "--arm_configs", custom])
     assert ab.arm_fields("top10") == {"forking_mode": "top", "forking_ratio": 0.1, "entropy_method": "none"}
     assert ab.arm_fields("kl_cov")["entropy_method"] == "kl_cov" and ab.arm_fields("kl_cov")["kl_cov_ratio"] == 0.05
-    assert ab.arm_fields("entropy_adv") == {"forking_mode": "all", "forking_ratio": 1.0, "entropy_method": "entropy_adv"}
-    _, args = make_parser().parse_args_and_config(run_flags(recipe, False, "top10", 1, tmp_path, ab.arm_fields("top10")))
+    assert ab.arm_fields("entropy_adv") == {
+        "forking_mode": "all",
+        "forking_ratio": 1.0,
+        "entropy_method": "entropy_adv",
+    }
+    _, args = make_parser().parse_args_and_config(
+        run_flags(recipe, False, "top10", 1, tmp_path, ab.arm_fields("top10"))
+    )
     assert (args.forking_mode, args.forking_ratio, args.entropy_method, args.seed) == ("top", 0.1, "none", 1)
     with pytest.raises(ValueError, match="not an arm field"):
         AblationArguments(arms=["x"], arm_configs={"x": {"learning_rate": 1.0}})
@@ -186,23 +193,20 @@ def test_arms_are_named_configurations_validated_before_training(tmp_path):
 def test_collapse_recipe_quick_runs_every_entropy_method_pass_at_k_and_a_recipe_arm(tmp_path):
     """`--quick` over the collapse recipe: its six arms (all, top, random and the three methods) plus an arm defined
     on the command line, pass@k for the start model and every run, and the methods' metrics in the histories."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     custom = '{"top_adv": {"forking_mode": "top", "forking_ratio": 0.2, "entropy_method": "entropy_adv"}}'
-    cmd = [sys.executable, "examples/ablation.py", "--config", "examples/recipes/collapse_cpu.yaml", "--quick", "true"]
     arms = ["all", "top", "random", "clip_cov", "kl_cov", "entropy_adv", "top_adv"]
-    done = subprocess.run(
-        [*cmd, "--output_dir", str(tmp_path), "--arms", *arms, "--arm_configs", custom]
-        + ["--clip_cov_ratio", "0.05", "--clip_cov_lb", "-1000"],  # so that Clip-Cov acts within 3 steps
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    report, stdout = run_quick(
+        "collapse_cpu.yaml",
+        tmp_path,
+        *("--arms", *arms, "--arm_configs", custom),
+        *("--clip_cov_ratio", "0.05", "--clip_cov_lb", "-1000"),  # so that Clip-Cov acts within 3 steps
     )
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads((tmp_path / "results.json").read_text())
     assert list(report["arms"]) == arms
-    assert report["arm_fields"]["top_adv"] == {"forking_mode": "top", "forking_ratio": 0.2, "entropy_method": "entropy_adv"}
+    assert report["arm_fields"]["top_adv"] == {
+        "forking_mode": "top",
+        "forking_ratio": 0.2,
+        "entropy_method": "entropy_adv",
+    }
     assert list(report["start"]["pass_at_k"]["pass_at_k"]) == ["1", "2", "4"]  # --quick: n = 4
     for arm in arms:
         assert set(report["arms"][arm]["pass_at_k"]) == {"1", "2", "4"}
@@ -213,10 +217,10 @@ def test_collapse_recipe_quick_runs_every_entropy_method_pass_at_k_and_a_recipe_
     assert seen("all", "cov/mean") and not seen("all", "clip_cov/clipped_fraction")
     assert max(seen("clip_cov", "clip_cov/clipped_fraction")) > 0
     assert max(seen("kl_cov", "kl_cov/penalized_fraction")) > 0  # steps_per_generation 2: off-policy, no note
-    assert "KL-Cov on a fully on-policy recipe" not in done.stdout
+    assert "KL-Cov on a fully on-policy recipe" not in stdout
     assert max(seen("entropy_adv", "entropy_adv/shaping")) > 0 and max(seen("top_adv", "entropy_adv/shaping")) > 0
     table = (tmp_path / "results.md").read_text()
-    assert "| kl_cov |" in table and "pass@4 %" in table and "kl_cov vs all" in done.stdout
+    assert "| kl_cov |" in table and "pass@4 %" in table and "kl_cov vs all" in stdout
     assert (tmp_path / "pass_at_k.png").stat().st_size > 10_000
 
 

@@ -127,8 +127,9 @@ def test_clip_cov_matches_the_reference(ratio, lb, ub):
     for scale in (1.0, 3.0):  # larger advantages put more tokens in (lb, ub)
         logp_ref, logp_ours = leaf(logp0, mask), leaf(logp0, mask)
         torch.manual_seed(seed)
-        ref = ref_clip_cov(old, logp_ref, scale * adv_bt, mask, ratio=ratio, lb=lb, ub=ub, eps_low=EPS_LOW,
-                           eps_high=EPS_HIGH)  # fmt: skip
+        ref = ref_clip_cov(
+            old, logp_ref, scale * adv_bt, mask, ratio=ratio, lb=lb, ub=ub, eps_low=EPS_LOW, eps_high=EPS_HIGH
+        )
         terms = clip_cov(
             CreditInputs(logp_ours, old, scale * adv, mask),
             ratio=ratio,
@@ -159,8 +160,15 @@ def test_clip_cov_draws_the_count_among_unclipped_candidates_only():
     candidates = mask.bool() & ~ppo_clipped & (cov > -100) & (cov < 100)
     for ratio, expected in ((2e-4, 1), (0.25, int(0.25 * n_valid)), (1.0, int(candidates.sum()))):
         for seed in range(5):
-            terms = clip_cov(x, ratio=ratio, lb=-100, ub=100, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
-                             generator=torch.Generator().manual_seed(seed))  # fmt: skip
+            terms = clip_cov(
+                x,
+                ratio=ratio,
+                lb=-100,
+                ub=100,
+                epsilon_low=EPS_LOW,
+                epsilon_high=EPS_HIGH,
+                generator=torch.Generator().manual_seed(seed),
+            )
             assert int(terms.counted.sum()) == expected
             assert not (terms.counted & ~candidates).any()
             assert torch.equal(terms.weight, (~terms.counted).float())
@@ -170,8 +178,13 @@ def test_clip_cov_with_the_forking_selection_acts_on_kept_tokens_only():
     logp0, old, adv, _, mask = batch()
     keep = torch.zeros_like(mask, dtype=torch.bool)
     keep[0, :3] = keep[4, 2:] = True
-    terms = clip_cov(CreditInputs(logp0, old, 3 * adv, mask, active=keep), ratio=1.0, lb=-100, ub=100,
-                     generator=torch.Generator().manual_seed(0))  # fmt: skip
+    terms = clip_cov(
+        CreditInputs(logp0, old, 3 * adv, mask, active=keep),
+        ratio=1.0,
+        lb=-100,
+        ub=100,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert terms.counted.any() and not (terms.counted & ~keep).any()
     # cov_t is centred over all valid tokens, whatever is kept
     torch.testing.assert_close(
@@ -222,8 +235,9 @@ def test_entropy_advantage_matches_the_reference_on_the_clipped_surrogate(alpha,
     logp0, old, adv, entropy, mask = batch(seed=5)
     adv_bt = adv[:, None].expand_as(mask)
     logp_ref, logp_ours = leaf(logp0, mask), leaf(logp0, mask)
-    ref = ref_entropy_adv(old, logp_ref, adv_bt, entropy, mask, alpha=alpha, kappa=kappa, eps_low=EPS_LOW,
-                          eps_high=EPS_HIGH)  # fmt: skip
+    ref = ref_entropy_adv(
+        old, logp_ref, adv_bt, entropy, mask, alpha=alpha, kappa=kappa, eps_low=EPS_LOW, eps_high=EPS_HIGH
+    )
     terms = entropy_advantage(CreditInputs(logp_ours, old, adv, mask, entropies=entropy), alpha=alpha, kappa=kappa)
     got = ours(terms, trl_surrogate(logp_ours, old, adv_bt))
     v = mask.bool()
@@ -231,8 +245,10 @@ def test_entropy_advantage_matches_the_reference_on_the_clipped_surrogate(alpha,
     torch.testing.assert_close(grad_of(got, logp_ours, mask), grad_of(ref, logp_ref, mask))
     assert (terms.weight[v] >= 0).all()  # the factor f = A'/A is never negative for kappa >= 1
     psi = torch.minimum(alpha * entropy, adv_bt.abs() / kappa)
-    torch.testing.assert_close(shaped_advantages(CreditInputs(logp0, old, adv, mask, entropies=entropy),
-                                                 alpha=alpha, kappa=kappa)[v], (adv_bt + psi)[v])  # fmt: skip
+    torch.testing.assert_close(
+        shaped_advantages(CreditInputs(logp0, old, adv, mask, entropies=entropy), alpha=alpha, kappa=kappa)[v],
+        (adv_bt + psi)[v],
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["cispo", "sapo"])
@@ -263,8 +279,9 @@ def test_entropy_advantage_counts_capped_tokens_and_shapes_kept_tokens_only():
     adv = torch.tensor([1.0, -1.0])
     entropy = torch.tensor([[0.1, 2.0, 5.0], [0.0, 1.0, 2.0]])
     keep = torch.tensor([[True, True, True], [True, True, False]])
-    terms = entropy_advantage(CreditInputs(logp, logp, adv, mask, entropies=entropy, active=keep), alpha=0.4,
-                              kappa=2.0)  # fmt: skip
+    terms = entropy_advantage(
+        CreditInputs(logp, logp, adv, mask, entropies=entropy, active=keep), alpha=0.4, kappa=2.0
+    )
     # psi = min(0.4 H, 0.5): 0.04, 0.5 (capped), 0.5 (capped); 0, 0.4, (not kept: 0)
     torch.testing.assert_close(terms.value, torch.tensor([[0.04, 0.5, 0.5], [0.0, 0.4, 0.0]]))
     assert terms.counted.tolist() == [[False, True, True], [False, False, False]]

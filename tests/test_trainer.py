@@ -415,8 +415,9 @@ def test_entropy_method_loss_and_gradients_match_the_reference(make_trainer, met
     elif method == "kl_cov":
         per_token = ref_kl_cov(old, clean, adv, mask, ratio=0.2, coef=1.0)
     else:
-        per_token = ref_entropy_adv(old, clean, adv, entropies, mask, alpha=2.0, kappa=2.0, eps_low=EPS_LOW,
-                                    eps_high=EPS_LOW)  # fmt: skip
+        per_token = ref_entropy_adv(
+            old, clean, adv, entropies, mask, alpha=2.0, kappa=2.0, eps_low=EPS_LOW, eps_high=EPS_LOW
+        )
     expected = reference_aggregate(per_token, mask, loss_type, trainer.max_completion_length)
     reference = torch.autograd.grad(expected, params)
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
@@ -441,8 +442,15 @@ def test_entropy_methods_compose_with_the_forking_selection(make_trainer):
 @pytest.mark.parametrize("method", ["clip_cov", "kl_cov", "entropy_adv"])
 def test_entropy_methods_train_and_log_their_metrics(tiny_model, tmp_path, method):
     extra = {"kl_cov": dict(steps_per_generation=2, gradient_accumulation_steps=1)}.get(method, {})
-    args = trainer_args(tmp_path, entropy_method=method, forking_mode="all", loss_type="dapo", clip_cov_lb=-1e3,
-                        clip_cov_ub=1e3, **extra)  # fmt: skip
+    args = trainer_args(
+        tmp_path,
+        entropy_method=method,
+        forking_mode="all",
+        loss_type="dapo",
+        clip_cov_lb=-1e3,
+        clip_cov_ub=1e3,
+        **extra,
+    )
     trainer = ForkingGRPOTrainer(tiny_model, length_reward, args=args, train_dataset=prompt_dataset())
     before = snapshot(trainer.model)
     trainer.train()
