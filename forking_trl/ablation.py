@@ -210,7 +210,29 @@ def task_data(ab: AblationArguments) -> tuple[list[dict], list[dict]]:
         held = [r for r in pool if r["prompt"][0]["content"] not in seen][: ab.num_eval]
         return train, held
     train = list(load_math_dataset(ab.task, limit=ab.num_train))
-    held = list(load_math_dataset(ab.eval_dataset, limit=ab.num_eval, seed=1))
+    seen = {json.dumps(r["prompt"]) for r in train}
+    pool = load_math_dataset(ab.eval_dataset)
+    if ab.num_eval < len(pool):
+        pool = pool.shuffle(seed=1)  # the order `limit` would give
+    held, dropped = [], 0
+    for row in pool:  # one pass, stopping once num_eval unseen problems are found
+        if json.dumps(row["prompt"]) in seen:
+            dropped += 1
+        else:
+            held.append(row)
+            if len(held) == ab.num_eval:
+                break
+    if not held:
+        raise ValueError(
+            f"no held-out problem is left: every problem of eval_dataset={ab.eval_dataset!r} is in the training set "
+            f"(task={ab.task!r}, num_train={ab.num_train}). Hold out another set, or lower num_train."
+        )
+    if dropped:
+        print(
+            f"held-out set: dropped {dropped} problem(s) of {ab.eval_dataset!r} that are in the training set; "
+            f"{len(held)} remain",
+            flush=True,
+        )
     return train, held
 
 
@@ -248,23 +270,45 @@ def sft_warm_start(base: Path, out: Path, rows: list[dict], *, steps: int, lr: f
     return out
 
 
+# what the tiny start model is built from: recorded beside it, and compared when an output directory is reused
+START_SETTINGS = ("task", "num_train", "max_operand", "tiny_hidden_size", "tiny_num_layers", "sft_steps")
+START_SETTINGS += ("sft_learning_rate", "sft_batch_size")
+
+
 def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
+    """The start model: `ab.start_model`, or the tiny Qwen3 warm-started in `out` (reused only when it was built
+    with the same settings, recorded in `out/start-settings.json`; else rebuilt, with a message)."""
     if ab.start_model is not None:
         return ab.start_model
+    import shutil
+
     from .tiny import build_tiny_model
 
+    settings = {name: getattr(ab, name) for name in START_SETTINGS}
+    record = out / "start-settings.json"
+    built = [out / "start-base", out / "start-model"]
+    if any(p.exists() for p in built):
+        saved = json.loads(record.read_text()) if record.exists() else None
+        if saved != settings:
+            print(
+                f"start model in {out}: built with {saved or 'unrecorded settings'}, now asked for {settings}; "
+                "rebuilding it",
+                flush=True,
+            )
+            for path in built:
+                shutil.rmtree(path, ignore_errors=True)
     base = build_tiny_model(out / "start-base", hidden_size=ab.tiny_hidden_size, num_layers=ab.tiny_num_layers)
-    return str(
-        sft_warm_start(
-            base,
-            out / "start-model",
-            train,
-            steps=ab.sft_steps,
-            lr=ab.sft_learning_rate,
-            batch_size=ab.sft_batch_size,
-            seed=0,
-        )
+    path = sft_warm_start(
+        base,
+        out / "start-model",
+        train,
+        steps=ab.sft_steps,
+        lr=ab.sft_learning_rate,
+        batch_size=ab.sft_batch_size,
+        seed=0,
     )
+    record.write_text(json.dumps(settings, indent=2))
+    return str(path)
 
 
 def measure(model_path: str, ab: AblationArguments, held: list[dict], start_samples=None, start_scored=None) -> dict:

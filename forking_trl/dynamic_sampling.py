@@ -10,21 +10,54 @@ from __future__ import annotations
 import torch
 
 
-def informative_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+# normalised rewards (`normalize_then_sum`) whose spread is below this are rounding, or the +1e-4 in TRL's
+# denominators (a group mean of equal rewards need not equal them exactly): 0.1% of one function's group std
+NORMALIZED_SPREAD_TOLERANCE = 1e-3
+
+
+def training_rewards(
+    rewards_per_func: torch.Tensor, weights: torch.Tensor, num_generations: int, aggregation: str
+) -> torch.Tensor:
+    """`(N,)` per-completion rewards whose spread within a group is what the advantage sees, for TRL's
+    `multi_objective_aggregation`: `"sum_then_normalize"`, the weighted sum of the raw rewards; `"normalize_then_sum"`,
+    the weighted sum of each function's rewards normalised within the group (mean 0, std 1 with Bessel's correction,
+    as TRL), so that a group whose raw totals tie can still be informative, and the reverse. NaN where every
+    function returned None (unscorable)."""
+    per_func = rewards_per_func.float()  # (N, F)
+    w = weights.to(per_func.device, per_func.dtype)
+    if aggregation == "normalize_then_sum":
+        grouped = per_func.view(-1, num_generations, per_func.size(1))  # (groups, G, F)
+        mean = torch.nanmean(grouped, dim=1, keepdim=True)
+        count = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
+        var = torch.nanmean((grouped - mean) ** 2, dim=1, keepdim=True) * count / (count - 1).clamp(min=1)
+        std = torch.where(count > 1, var.sqrt(), torch.full_like(var, float("nan")))
+        per_func = ((grouped - mean) / (std + 1e-4)).view(-1, per_func.size(1))
+    elif aggregation != "sum_then_normalize":
+        raise ValueError(
+            f"multi_objective_aggregation must be 'sum_then_normalize' or 'normalize_then_sum'; got {aggregation!r}."
+        )
+    total = (per_func * w).nansum(dim=1)
+    total[torch.isnan(rewards_per_func).all(dim=1)] = float("nan")
+    return total
+
+
+def informative_groups(rewards: torch.Tensor, num_generations: int, tolerance: float = 0.0) -> torch.Tensor:
     """Which groups have a reward spread.
 
     Args:
-        rewards: `(N,)` total reward of each completion, groups of `num_generations` consecutive completions; NaN for
-            an unscorable completion (ignored).
+        rewards: `(N,)` reward of each completion (one function's, or `training_rewards`), groups of
+            `num_generations` consecutive completions; NaN for an unscorable completion (ignored).
 
     Returns:
-        `(N // num_generations,)` bool: at least two scorable completions whose rewards differ.
+        `(N // num_generations,)` bool: at least two scorable completions whose rewards differ by more than
+        `tolerance` (raw rewards: any difference, since advantages are scaled by the group's std;
+        `normalize_then_sum`: `NORMALIZED_SPREAD_TOLERANCE`).
     """
     grouped = rewards.reshape(-1, num_generations).float()  # (groups, G)
     finite = torch.isfinite(grouped)
     high = torch.where(finite, grouped, float("-inf")).amax(dim=1)
     low = torch.where(finite, grouped, float("inf")).amin(dim=1)
-    return (finite.sum(dim=1) >= 2) & (high > low)
+    return (finite.sum(dim=1) >= 2) & (high - low > tolerance)
 
 
 def take_groups(informative: torch.Tensor, needed: int) -> torch.Tensor:

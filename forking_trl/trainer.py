@@ -49,7 +49,15 @@ from trl.trainer.grpo_trainer import RepeatSampler
 
 from .config import SEQUENCE_MEAN_LOSSES, ForkingGRPOConfig
 from .credit import METHODS, CreditInputs, MethodTerms, token_covariance
-from .dynamic_sampling import fill_groups, group_rows, informative_groups, stack_rows, take_groups
+from .dynamic_sampling import (
+    NORMALIZED_SPREAD_TOLERANCE,
+    fill_groups,
+    group_rows,
+    informative_groups,
+    stack_rows,
+    take_groups,
+    training_rewards,
+)
 from .entropy import LOW_ENTROPY
 from .selection import ForkingSelection, forking_select, percentiles
 
@@ -365,11 +373,19 @@ class ForkingGRPOTrainer(GRPOTrainer):
         per_func = self._dynamic_rewards_per_func  # (N_all, F), gathered by TRL
         if self.args.dynamic_sampling_reward is not None:  # one function's reward (DAPO: accuracy)
             rewards = per_func[:, self.reward_func_names.index(self.args.dynamic_sampling_reward)]
-        else:  # the total, as TRL weighs it
-            rewards = (per_func * self.reward_weights.to(per_func.device)).nansum(dim=1)
-            rewards[torch.isnan(per_func).all(dim=1)] = float("nan")  # unscorable, as TRL
+        else:  # what TRL's advantage uses: the weighted total, or the weighted sum of per-group normalised rewards
+            rewards = training_rewards(
+                per_func, self.reward_weights, self.num_generations, self.args.multi_objective_aggregation
+            )
+        normalized = self.args.dynamic_sampling_reward is None and (
+            self.args.multi_objective_aggregation == "normalize_then_sum"
+        )
         start = self.accelerator.process_index * local_size
-        return informative_groups(rewards[start : start + local_size], self.num_generations)
+        return informative_groups(
+            rewards[start : start + local_size],
+            self.num_generations,
+            tolerance=NORMALIZED_SPREAD_TOLERANCE if normalized else 0.0,
+        )
 
     def _log_dynamic_sampling(self, rounds: int, totals: torch.Tensor, filled: int, needed: int) -> None:
         filled_all = self.accelerator.reduce(torch.tensor(float(filled), device=totals.device), reduction="sum").item()

@@ -256,3 +256,34 @@ def test_runner_recipes_parse_and_every_arm_validates(recipe, tmp_path, capsys):
         assert ab.arms == ["all", "top", "random", "clip_cov", "kl_cov", "entropy_adv"] and ab.pass_k == 64
         assert args.steps_per_generation == 2 > args.gradient_accumulation_steps  # KL-Cov's penalty acts
         assert "on-policy" not in capsys.readouterr().out
+
+
+def test_dataset_task_drops_held_out_problems_seen_in_training(capsys):
+    """Issue 15, finding 4: a held-out problem that is also a training problem is dropped, and the count said."""
+    from forking_trl.ablation import task_data
+
+    ab = AblationArguments(task="gsm8k_train", eval_dataset="gsm8k_train", num_train=7000, num_eval=50)
+    train, held = task_data(ab)
+    seen = {json.dumps(r["prompt"]) for r in train}
+    assert len(held) == 50 and not any(json.dumps(r["prompt"]) in seen for r in held)
+    assert "dropped" in capsys.readouterr().out
+    ab = AblationArguments(task="gsm8k_train", eval_dataset="gsm8k_train", num_eval=50)  # training takes every row
+    with pytest.raises(ValueError, match="no held-out problem is left"):
+        task_data(ab)
+
+
+def test_start_model_is_rebuilt_when_its_settings_change(tmp_path, capsys):
+    """Issue 15, finding 3: an output directory's start model built with other settings is not silently reused."""
+    from forking_trl.ablation import start_model, task_data
+
+    def build(steps):
+        ab = AblationArguments(num_train=64, num_eval=4, sft_steps=steps, sft_batch_size=4, tiny_hidden_size=32)
+        path = Path(start_model(ab, tmp_path, task_data(ab)[0]))
+        return json.loads((tmp_path / "start-settings.json").read_text()), (path / "model.safetensors").read_bytes()
+
+    first_settings, first = build(1)
+    assert build(1) == (first_settings, first)  # same settings: reused
+    assert "rebuilding" not in capsys.readouterr().out
+    second_settings, second = build(3)
+    assert second_settings["sft_steps"] == 3 and second != first
+    assert "rebuilding" in capsys.readouterr().out

@@ -8,11 +8,54 @@ import torch
 
 from _util import AdvantageSpy, half_constant_reward, logged, prompt_dataset, trainer_args
 from forking_trl import ForkingGRPOTrainer
-from forking_trl.dynamic_sampling import fill_groups, group_rows, informative_groups, stack_rows, take_groups
+from forking_trl.dynamic_sampling import (
+    NORMALIZED_SPREAD_TOLERANCE,
+    fill_groups,
+    group_rows,
+    informative_groups,
+    stack_rows,
+    take_groups,
+    training_rewards,
+)
 from test_launch import launch
 
 # ---------------------------------------------------------------------------------------------------------------
 # the pure functions
+
+
+def trl_advantages(per_func, weights, G, aggregation):
+    """TRL 1.16's advantages for these rewards (GRPOTrainer._generate_and_score_completions, scale_rewards='group')."""
+    from trl.trainer.utils import nanstd
+
+    w = torch.tensor(weights)
+    if aggregation == "sum_then_normalize":
+        rewards = (per_func * w).nansum(dim=1)
+        mean = rewards.view(-1, G).nanmean(dim=1).repeat_interleave(G)
+        std = nanstd(rewards.view(-1, G), dim=1).repeat_interleave(G)
+        return (rewards - mean) / (std + 1e-4)
+    grouped = per_func.view(-1, G, per_func.size(1))
+    reward_k = (grouped - grouped.nanmean(dim=1, keepdim=True)) / (nanstd(grouped, dim=1, keepdim=True) + 1e-4)
+    rewards = (reward_k.view(-1, per_func.size(1)) * w).nansum(dim=1)
+    return (rewards - rewards.nanmean()) / (nanstd(rewards) + 1e-4)
+
+
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+def test_informative_means_a_non_zero_advantage_for_either_aggregation(aggregation):
+    """Issue 15, finding 2: the decision follows what TRL's advantage uses, not the raw weighted sum."""
+    G = 4
+    groups = [
+        ([0, 2, 0, 2], [1, 0, 1, 0], [1.0, 2.0]),  # raw total 2 everywhere, normalised rewards spread
+        ([0, 1, 0, 1], [0, 3, 0, 3], [1.0, -1.0]),  # raw totals spread, normalised rewards cancel
+        ([1, 1, 1, 1], [0, 0, 0, 0], [1.0, 2.0]),  # constant
+    ]
+    for f1, f2, weights in groups:
+        per_func = torch.tensor([f1, f2], dtype=torch.float32).T  # (G, 2)
+        per_func = torch.cat([per_func, torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])])  # + a group
+        advantages = trl_advantages(per_func, weights, G, aggregation)[:G]
+        signal = training_rewards(per_func, torch.tensor(weights), G, aggregation)
+        tolerance = NORMALIZED_SPREAD_TOLERANCE if aggregation == "normalize_then_sum" else 0.0
+        informative = bool(informative_groups(signal, G, tolerance)[0])
+        assert informative == bool(advantages.abs().max() > 1e-3), (f1, f2, weights, aggregation)
 
 
 def test_informative_groups_ignores_unscorable_and_needs_a_spread():
