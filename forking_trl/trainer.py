@@ -510,6 +510,31 @@ class ForkingGRPOTrainer(GRPOTrainer):
                 stream = json.load(f)
             self._dynamic_iterator = None
             self._dynamic_passes, self._dynamic_drawn, self._dynamic_skip = stream["passes"], 0, stream["drawn"]
+            self._warn_if_inside_a_generation_window(checkpoint)
+
+    def _warn_if_inside_a_generation_window(self, checkpoint: str) -> None:
+        """TRL keeps the generation batch it trains on for `steps_per_generation * num_iterations` micro-batches and
+        does not checkpoint it: resuming inside that window regenerates it, which draws further prompts the
+        uninterrupted run did not draw. The stream then cannot follow the uninterrupted run; say so."""
+        state_file = os.path.join(checkpoint, "trainer_state.json")
+        if not os.path.isfile(state_file):
+            return
+        with open(state_file) as f:
+            step = json.load(f).get("global_step", 0)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if (step * self.args.gradient_accumulation_steps) % generate_every:
+            logger.warning(
+                "forking_trl: %s (step %d) is inside a generation window (a generation batch serves %d micro-batches: "
+                "steps_per_generation=%d x num_iterations=%d); TRL regenerates it on resume, so dynamic sampling's "
+                "further prompts from here on differ from those of the uninterrupted run. Checkpoints on a window "
+                "boundary (every %d optimizer steps here) resume the stream exactly.",
+                checkpoint,
+                step,
+                generate_every,
+                self.args.steps_per_generation,
+                self.num_iterations,
+                generate_every // math.gcd(generate_every, self.args.gradient_accumulation_steps),
+            )
 
     def _generator_file(self, directory: str) -> str:
         return os.path.join(directory, f"forking_generator_{self.accelerator.process_index}.pth")

@@ -285,3 +285,23 @@ def test_resume_continues_the_further_prompt_stream(tiny_model, tmp_path):
     spy = DrawSpy(resumed)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert [texts for _, texts in spy.draws] == after
+
+
+def test_resume_inside_a_generation_window_warns_that_the_stream_diverges(tiny_model, tmp_path, caplog):
+    """Issue 15, finding 6: with num_iterations 2, checkpoint-1 falls inside a generation window; TRL regenerates on
+    resume, so the further prompts cannot follow the uninterrupted run: say so. checkpoint-2 is on a boundary."""
+    kwargs = dict(dynamic_sampling=True, num_iterations=2, max_steps=2, save_strategy="steps", save_steps=1)
+    ForkingGRPOTrainer(
+        tiny_model, half_constant_reward, args=trainer_args(tmp_path, **kwargs), train_dataset=prompt_dataset()
+    ).train()
+    for checkpoint, inside in (("checkpoint-1", True), ("checkpoint-2", False)):
+        resumed = ForkingGRPOTrainer(
+            tiny_model,
+            half_constant_reward,
+            args=trainer_args(tmp_path, **{**kwargs, "max_steps": 3}),
+            train_dataset=prompt_dataset(),
+        )
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            resumed.train(resume_from_checkpoint=str(tmp_path / checkpoint))
+        assert ("inside a generation window" in caplog.text) == inside, checkpoint
