@@ -371,21 +371,16 @@ class ForkingGRPOTrainer(GRPOTrainer):
     def _informative_local_groups(self, local_size: int) -> torch.Tensor:
         """`(local_size / G,)` bool: this process's groups of the round just generated that have a reward spread."""
         per_func = self._dynamic_rewards_per_func  # (N_all, F), gathered by TRL
+        aggregation = self.args.multi_objective_aggregation
+        tolerance = 0.0  # raw rewards: any spread counts (advantages are scaled by the group's std)
         if self.args.dynamic_sampling_reward is not None:  # one function's reward (DAPO: accuracy)
             rewards = per_func[:, self.reward_func_names.index(self.args.dynamic_sampling_reward)]
         else:  # what TRL's advantage uses: the weighted total, or the weighted sum of per-group normalised rewards
-            rewards = training_rewards(
-                per_func, self.reward_weights, self.num_generations, self.args.multi_objective_aggregation
-            )
-        normalized = self.args.dynamic_sampling_reward is None and (
-            self.args.multi_objective_aggregation == "normalize_then_sum"
-        )
+            rewards = training_rewards(per_func, self.reward_weights, self.num_generations, aggregation)
+            if aggregation == "normalize_then_sum":
+                tolerance = NORMALIZED_SPREAD_TOLERANCE
         start = self.accelerator.process_index * local_size
-        return informative_groups(
-            rewards[start : start + local_size],
-            self.num_generations,
-            tolerance=NORMALIZED_SPREAD_TOLERANCE if normalized else 0.0,
-        )
+        return informative_groups(rewards[start : start + local_size], self.num_generations, tolerance)
 
     def _log_dynamic_sampling(self, rounds: int, totals: torch.Tensor, filled: int, needed: int) -> None:
         filled_all = self.accelerator.reduce(torch.tensor(float(filled), device=totals.device), reduction="sum").item()
