@@ -486,8 +486,7 @@ def check_arms(ab: AblationArguments, argv: list[str], out: Path) -> None:
         except (ValueError, SystemExit) as err:
             reason = stderr.getvalue().strip().splitlines()[-1:] or [str(err)]
             raise ValueError(f"arm {arm!r} {overrides} is not a valid configuration: {reason[0]}") from None
-        generate_every = args.steps_per_generation * args.num_iterations
-        if args.entropy_method == "kl_cov" and args.gradient_accumulation_steps % generate_every == 0:
+        if args.entropy_method == "kl_cov" and args.fully_on_policy():
             print(
                 f"note: arm {arm!r} is KL-Cov on a fully on-policy recipe (steps_per_generation "
                 f"{args.steps_per_generation}, num_iterations {args.num_iterations}, gradient_accumulation_steps "

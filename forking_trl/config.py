@@ -374,6 +374,17 @@ class ForkingGRPOConfig(GRPOConfig):
                 f"{self.importance_sampling_level!r} every token's ratio depends on its whole sequence)."
             )
 
+    @property
+    def generation_window(self) -> int:
+        """Micro-batches one generation batch serves in TRL: `steps_per_generation * num_iterations`."""
+        return (self.steps_per_generation or 1) * self.num_iterations
+
+    def fully_on_policy(self) -> bool:
+        """Every micro-batch is trained on with the parameters that generated it (TRL's condition for skipping its
+        old-log-prob pass, vLLM aside; pinned in `tests/test_trl_contract.py`): log π_old is then log π, and KL-Cov's
+        penalty is 0."""
+        return self.gradient_accumulation_steps % self.generation_window == 0
+
     def forking_fields(self) -> dict:
         """forking_trl's own fields (`forking_*`, `dynamic_sampling*`) and their values: recorded in checkpoints,
         compared on resume."""

@@ -139,7 +139,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             # the reference trains KL-Cov on the unclipped surrogate -r A: open TRL's clip (read only by the loss and
             # the clip metrics; pinned in tests/test_trl_contract.py)
             self.epsilon_low, self.epsilon_high = 1.0, math.inf
-            if not self._trl_computes_old_logps():
+            if args.fully_on_policy():
                 logger.warning(
                     "forking_trl: entropy_method='kl_cov' on a fully on-policy run (num_iterations=1, "
                     "steps_per_generation=%d <= gradient_accumulation_steps=%d): log π_old is log π itself, so "
@@ -516,7 +516,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             return
         with open(state_file) as f:
             step = json.load(f).get("global_step", 0)
-        generate_every = self.args.steps_per_generation * self.num_iterations
+        generate_every = self.args.generation_window
         if (step * self.args.gradient_accumulation_steps) % generate_every:
             logger.warning(
                 "forking_trl: %s (step %d) is inside a generation window (a generation batch serves %d micro-batches: "
@@ -539,10 +539,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
 
     def _trl_computes_old_logps(self) -> bool:
         # mirrors the condition in GRPOTrainer._generate_and_score_completions; checked against its output above
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        return self.args.gradient_accumulation_steps % generate_every != 0 or bool(
-            self.use_vllm and self.vllm_importance_sampling_correction
-        )
+        return not self.args.fully_on_policy() or bool(self.use_vllm and self.vllm_importance_sampling_correction)
 
     @torch.no_grad()
     def _generation_batch_entropies(self, output: dict) -> torch.Tensor:
