@@ -271,8 +271,10 @@ def sft_warm_start(base: Path, out: Path, rows: list[dict], *, steps: int, lr: f
 
 
 # what the tiny start model is built from: recorded beside it, and compared when an output directory is reused
-START_SETTINGS = ("task", "num_train", "max_operand", "tiny_hidden_size", "tiny_num_layers", "sft_steps")
-START_SETTINGS += ("sft_learning_rate", "sft_batch_size")
+START_SETTINGS = (
+    *("task", "num_train", "max_operand", "tiny_hidden_size", "tiny_num_layers"),
+    *("sft_steps", "sft_learning_rate", "sft_batch_size"),
+)
 
 
 def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
