@@ -1,7 +1,8 @@
 """forking_trl: RLVR on the forking tokens, after "Beyond the 80/20 Rule" (Wang et al., arXiv 2506.01939).
 
-The method (`token_entropy`, `forking_mask`, `forking_select`) is pure torch and imports without TRL; the trainer,
-its config and the decoding processor are imported on first use.
+The method (`token_entropy`, `forking_mask`, `forking_select`) is pure torch and imports without TRL; the trainers
+(`ForkingGRPOTrainer`, and `DynamicSamplingGRPOTrainer`: DAPO's dynamic sampling alone, for plain GRPO), their
+configs and the decoding processor are imported on first use.
 """
 
 from .entropy import token_entropy
@@ -10,6 +11,8 @@ from .selection import ForkingSelection, forking_mask, forking_select
 __version__ = "0.1.0"
 
 _LAZY = {
+    "DynamicSamplingGRPOConfig": "config",
+    "DynamicSamplingGRPOTrainer": "dynamic_sampling_trainer",
     "ForkingGRPOConfig": "config",
     "ForkingGRPOTrainer": "trainer",
     "ForkingTemperatureLogitsProcessor": "decoding",

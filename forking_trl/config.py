@@ -1,9 +1,11 @@
-"""`ForkingGRPOConfig`: TRL's `GRPOConfig` plus the forking-token fields, validated at construction."""
+"""The configs, validated at construction: `DynamicSamplingGRPOConfig`, TRL's `GRPOConfig` plus DAPO's dynamic
+sampling; `ForkingGRPOConfig`, that plus the forking-token fields and the entropy methods."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 from trl import GRPOConfig
 
@@ -26,6 +28,7 @@ METHOD_LOSSES = {
     "entropy_adv": CLIPPED_SURROGATE_LOSSES + ("cispo", "sapo"),  # a positive factor on A: losses linear in A
 }
 
+# the fields ForkingGRPOConfig adds to GRPOConfig (dynamic sampling's among them)
 OWN_FIELD_PREFIXES = ("forking_", "dynamic_sampling", "entropy_method", "clip_cov_", "kl_cov_", "entropy_adv_")
 
 _PAPER = "[Beyond the 80/20 Rule](https://huggingface.co/papers/2506.01939)"
@@ -38,11 +41,139 @@ def _choices(values: tuple[str, ...]) -> str:
 
 
 @dataclass
-class ForkingGRPOConfig(GRPOConfig):
+class DynamicSamplingGRPOConfig(GRPOConfig):
+    r"""
+    Configuration class for the [`DynamicSamplingGRPOTrainer`] (and the base of [`ForkingGRPOConfig`]).
+
+    Extends [`~trl.GRPOConfig`] with DAPO's dynamic sampling, which TRL lacks: Yu et al., DAPO: An Open-Source LLM
+    Reinforcement Learning System at Scale ([arXiv 2503.14476](https://huggingface.co/papers/2503.14476), Sec. 3.2;
+    verl's `filter_groups`). A group (the completions of one prompt) whose rewards are all equal (all solved or all
+    failed) has advantage 0 for every completion: no policy gradient, yet it fills the batch and the token-mean
+    denominator. Dynamic sampling drops such groups and fills the generation batch with informative groups generated
+    from further prompts before training on it. Every other field is TRL's; see [`~trl.GRPOConfig`].
+
+    Parameters:
+        > Parameters that control DAPO's dynamic sampling
+
+        dynamic_sampling (`bool`, *optional*, defaults to `True`):
+            Drop the groups whose advantages are all 0 (the rewards TRL's advantage is computed from, see
+            `multi_objective_aggregation`, are equal across the group) and fill the generation batch with informative
+            groups from further prompts. Needs a map-style `train_dataset` and `per_device_train_batch_size *
+            steps_per_generation` a multiple of `num_generations` (each process then holds whole groups). `False`
+            trains exactly as [`~trl.GRPOTrainer`] (the control arm of a comparison).
+        dynamic_sampling_max_rounds (`int`, *optional*, defaults to `10`):
+            Generation rounds per generation batch at most (DAPO's `max_num_gen_batches`). When the limit is reached
+            short of informative groups, the batch is completed with uninformative groups of the last round (advantage
+            0: no policy gradient), logged as `dynamic_sampling/filled_groups` and warned about once.
+        dynamic_sampling_reward (`str` or `None`, *optional*, defaults to `None`):
+            The reward whose spread within a group makes it informative: the name of one reward function (as TRL
+            names them, e.g. `"accuracy_reward"`; DAPO's released recipe filters on accuracy, so that the overlong
+            shaping alone does not make a group informative), or `None` for what TRL's advantage uses (the weighted
+            total reward, or with `multi_objective_aggregation="normalize_then_sum"` the weighted sum of the
+            per-function normalised rewards).
+    """
+
+    # the fields this class adds to GRPOConfig: checkpointed and compared on resume, accepted by from_grpo_config
+    own_field_prefixes: ClassVar[tuple[str, ...]] = ("dynamic_sampling",)
+
+    dynamic_sampling: bool = field(
+        default=True,
+        metadata={
+            "help": "DAPO's dynamic sampling (arXiv 2503.14476): drop groups whose advantages are all 0 and fill the "
+            "generation batch with informative groups from further prompts. False: TRL's GRPO as it is."
+        },
+    )
+    dynamic_sampling_max_rounds: int = field(
+        default=10,
+        metadata={
+            "help": "Generation rounds per generation batch at most (DAPO's max_num_gen_batches); then the batch is "
+            "completed with uninformative groups (advantage 0) and dynamic_sampling/filled_groups says so."
+        },
+    )
+    dynamic_sampling_reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward function (by name, e.g. 'accuracy_reward', as DAPO's recipe) whose spread makes a group "
+            "informative; None: what TRL's advantage uses (the weighted total reward)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_dynamic_sampling()
+
+    def validate(self) -> None:
+        """Check every forking_trl field again (e.g. after one was set on a built config); `ValueError` naming it."""
+        self._check_dynamic_sampling()
+
+    def _check_dynamic_sampling(self) -> None:
+        """Validate the dynamic-sampling fields (after TRL derived `steps_per_generation`)."""
+        if not isinstance(self.dynamic_sampling, bool):
+            raise ValueError(f"dynamic_sampling must be True or False; got {self.dynamic_sampling!r}.")
+        rounds = self.dynamic_sampling_max_rounds
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"dynamic_sampling_max_rounds must be an int >= 1; got {rounds!r}.")
+        reward = self.dynamic_sampling_reward
+        if reward is not None and (not isinstance(reward, str) or not reward):
+            raise ValueError(f"dynamic_sampling_reward must be a reward function's name or None; got {reward!r}.")
+        local = self.per_device_train_batch_size * (self.steps_per_generation or 1)
+        if self.dynamic_sampling and local % self.num_generations:
+            raise ValueError(
+                f"dynamic_sampling needs each process to hold whole groups: per_device_train_batch_size * "
+                f"steps_per_generation ({self.per_device_train_batch_size} * {self.steps_per_generation} = {local}) "
+                f"must be a multiple of num_generations ({self.num_generations})."
+            )
+
+    @property
+    def generation_window(self) -> int:
+        """Micro-batches one generation batch serves in TRL: `steps_per_generation * num_iterations`."""
+        return (self.steps_per_generation or 1) * self.num_iterations
+
+    def fully_on_policy(self) -> bool:
+        """Every micro-batch is trained on with the parameters that generated it (TRL's condition for skipping its
+        old-log-prob pass, vLLM aside; pinned in `tests/test_trl_contract.py`): log π_old is then log π, and KL-Cov's
+        penalty is 0."""
+        return self.gradient_accumulation_steps % self.generation_window == 0
+
+    def own_fields(self) -> dict:
+        """The fields this config adds to `GRPOConfig` and their values: recorded in checkpoints, compared on
+        resume."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(self.own_field_prefixes)}
+
+    @classmethod
+    def from_grpo_config(cls, args: GRPOConfig, **own_fields):
+        """Promote a plain `GRPOConfig` (or a config of a base class) to this class, keeping every value it holds.
+
+        The fields `GRPOConfig.__post_init__` derived (`generation_batch_size`, `steps_per_generation`, ...) are
+        copied as they are rather than derived again. This class's own fields take their defaults unless given.
+        """
+        if isinstance(args, cls):
+            return args
+        if not isinstance(args, GRPOConfig):
+            raise TypeError(f"expected a trl.GRPOConfig, got {type(args).__name__}.")
+        promoted = cls.__new__(cls)
+        promoted.__dict__.update(args.__dict__)
+        for f in fields(cls):
+            if f.name.startswith(cls.own_field_prefixes) and f.name not in promoted.__dict__:
+                setattr(promoted, f.name, f.default)
+        promoted._adopt(args)
+        for name, value in own_fields.items():
+            if not name.startswith(cls.own_field_prefixes) or not hasattr(promoted, name):
+                raise TypeError(f"from_grpo_config() got an unknown field {name!r} for {cls.__name__}.")
+            setattr(promoted, name, value)
+        promoted.validate()
+        return promoted
+
+    def _adopt(self, args: GRPOConfig) -> None:
+        """On promotion from `args`: carry over what a TRL field of `args` means in this class (nothing here)."""
+
+
+@dataclass
+class ForkingGRPOConfig(DynamicSamplingGRPOConfig):
     r"""
     Configuration class for the [`ForkingGRPOTrainer`].
 
-    Extends [`~trl.GRPOConfig`] with the fields that select which completion tokens receive policy gradient, after
+    Extends [`~trl.GRPOConfig`] (through [`DynamicSamplingGRPOConfig`]) with the fields that select which completion tokens receive policy gradient, after
     Wang et al., Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective Reinforcement Learning for LLM
     Reasoning ([arXiv 2506.01939](https://huggingface.co/papers/2506.01939)). Tokens that are not selected keep their
     KL term and their place in the completion mask; only their policy-gradient term is zeroed, as if their advantage
@@ -86,23 +217,15 @@ class ForkingGRPOConfig(GRPOConfig):
             with the kept tokens' entropy, not all tokens'). Required, as an explicit choice, to combine the bonus with
             a forking mode other than `"all"`; the paper trains without a bonus.
 
-        > Parameters that control DAPO's dynamic sampling
+        > Parameters that control DAPO's dynamic sampling (see [`DynamicSamplingGRPOConfig`])
 
         dynamic_sampling (`bool`, *optional*, defaults to `False`):
-            DAPO's dynamic sampling ([arXiv 2503.14476](https://huggingface.co/papers/2503.14476), Sec. 3.2), which the
-            paper's recipe uses and TRL lacks: drop the groups whose total rewards are all equal (all solved or all
-            failed: advantage 0, no policy gradient, yet they fill the batch and the token-mean denominator) and fill
-            the generation batch with informative groups generated from further prompts before training on it.
-            Needs a map-style `train_dataset` and `per_device_train_batch_size * steps_per_generation` a multiple of
-            `num_generations` (each process then holds whole groups).
+            DAPO's dynamic sampling ([arXiv 2503.14476](https://huggingface.co/papers/2503.14476)), as in the paper's
+            recipe; off by default here (on in [`DynamicSamplingGRPOConfig`], which documents it in full).
         dynamic_sampling_max_rounds (`int`, *optional*, defaults to `10`):
-            Generation rounds per generation batch at most (DAPO's `max_num_gen_batches`). When the limit is reached
-            short of informative groups, the batch is completed with uninformative groups of the last round (advantage
-            0: no policy gradient), logged as `dynamic_sampling/filled_groups` and warned about once.
+            Generation rounds per generation batch at most, as in [`DynamicSamplingGRPOConfig`].
         dynamic_sampling_reward (`str` or `None`, *optional*, defaults to `None`):
-            The reward whose spread within a group makes it informative: the name of one reward function (as TRL
-            names them, e.g. `"accuracy_reward"`; DAPO's released recipe filters on accuracy, so that the overlong
-            shaping alone does not make a group informative), or `None` for the total weighted reward.
+            The reward whose spread makes a group informative, as in [`DynamicSamplingGRPOConfig`].
 
         > Parameters of the entropy methods that followed the paper (one at a time; composable with the selection)
 
@@ -203,21 +326,6 @@ class ForkingGRPOConfig(GRPOConfig):
             "are all equal and fill the generation batch with informative groups from further prompts."
         },
     )
-    dynamic_sampling_max_rounds: int = field(
-        default=10,
-        metadata={
-            "help": "Generation rounds per generation batch at most (DAPO's max_num_gen_batches); then the batch is "
-            "completed with uninformative groups (advantage 0) and dynamic_sampling/filled_groups says so."
-        },
-    )
-
-    dynamic_sampling_reward: str | None = field(
-        default=None,
-        metadata={
-            "help": "Reward function (by name, e.g. 'accuracy_reward', as DAPO's recipe) whose spread makes a group "
-            "informative; None: the total weighted reward."
-        },
-    )
 
     entropy_method: str = field(
         default="none",
@@ -255,32 +363,18 @@ class ForkingGRPOConfig(GRPOConfig):
         default=2.0, metadata={"help": "Entropy advantage: κ in min(α·H, |A|/κ), >= 1 (paper: 2)."}
     )
 
+    own_field_prefixes: ClassVar[tuple[str, ...]] = OWN_FIELD_PREFIXES
+
     def __post_init__(self):
         self._check_forking_fields()
-        super().__post_init__()
-        self._check_dynamic_sampling()
+        super().__post_init__()  # TRL's, then dynamic sampling's checks
         self._check_entropy_method()
 
     def validate(self) -> None:
         """Check every forking_trl field again (e.g. after one was set on a built config); `ValueError` naming it."""
         self._check_forking_fields()
-        self._check_dynamic_sampling()
+        super().validate()
         self._check_entropy_method()
-
-    def _check_dynamic_sampling(self) -> None:
-        """Validate the dynamic-sampling fields (after TRL derived `steps_per_generation`)."""
-        if not isinstance(self.dynamic_sampling, bool):
-            raise ValueError(f"dynamic_sampling must be True or False; got {self.dynamic_sampling!r}.")
-        rounds = self.dynamic_sampling_max_rounds
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-            raise ValueError(f"dynamic_sampling_max_rounds must be an int >= 1; got {rounds!r}.")
-        local = self.per_device_train_batch_size * (self.steps_per_generation or 1)
-        if self.dynamic_sampling and local % self.num_generations:
-            raise ValueError(
-                f"dynamic_sampling needs each process to hold whole groups: per_device_train_batch_size * "
-                f"steps_per_generation ({self.per_device_train_batch_size} * {self.steps_per_generation} = {local}) "
-                f"must be a multiple of num_generations ({self.num_generations})."
-            )
 
     def _check_forking_fields(self) -> None:
         """Validate the forking fields and their combination with TRL's; `ValueError` naming the field."""
@@ -374,50 +468,28 @@ class ForkingGRPOConfig(GRPOConfig):
                 f"{self.importance_sampling_level!r} every token's ratio depends on its whole sequence)."
             )
 
-    @property
-    def generation_window(self) -> int:
-        """Micro-batches one generation batch serves in TRL: `steps_per_generation * num_iterations`."""
-        return (self.steps_per_generation or 1) * self.num_iterations
-
-    def fully_on_policy(self) -> bool:
-        """Every micro-batch is trained on with the parameters that generated it (TRL's condition for skipping its
-        old-log-prob pass, vLLM aside; pinned in `tests/test_trl_contract.py`): log π_old is then log π, and KL-Cov's
-        penalty is 0."""
-        return self.gradient_accumulation_steps % self.generation_window == 0
-
     def forking_fields(self) -> dict:
-        """forking_trl's own fields (`forking_*`, `dynamic_sampling*`) and their values: recorded in checkpoints,
-        compared on resume."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(OWN_FIELD_PREFIXES)}
+        """forking_trl's own fields (`forking_*`, `dynamic_sampling*`, the entropy methods') and their values:
+        recorded in checkpoints, compared on resume."""
+        return self.own_fields()
 
     @classmethod
     def from_grpo_config(cls, args: GRPOConfig, **forking_fields) -> ForkingGRPOConfig:
-        """Promote a plain `GRPOConfig` to a `ForkingGRPOConfig`, keeping every value it holds.
+        """Promote a plain `GRPOConfig` (or a `DynamicSamplingGRPOConfig`) to a `ForkingGRPOConfig`, keeping every
+        value it holds.
 
         The fields `GRPOConfig.__post_init__` derived (`generation_batch_size`, `steps_per_generation`, ...) are
         copied as they are rather than derived again. A `top_entropy_quantile` below 1 becomes `forking_ratio` with
         `forking_mode="top"` (TRL's meaning); other forking fields take their defaults unless given.
         """
-        if isinstance(args, cls):
-            return args
-        if not isinstance(args, GRPOConfig):
-            raise TypeError(f"expected a trl.GRPOConfig, got {type(args).__name__}.")
-        promoted = cls.__new__(cls)
-        promoted.__dict__.update(args.__dict__)
-        for f in fields(cls):
-            if f.name.startswith(OWN_FIELD_PREFIXES) and f.name not in promoted.__dict__:
-                setattr(promoted, f.name, f.default)
+        return super().from_grpo_config(args, **forking_fields)
+
+    def _adopt(self, args: GRPOConfig) -> None:
         if args.top_entropy_quantile < 1.0:
             if args.top_entropy_quantile <= 0.0:
                 raise ValueError(
                     f"top_entropy_quantile={args.top_entropy_quantile} keeps only the single highest-entropy token in "
                     "TRL; forking_ratio must be in (0, 1]. Set top_entropy_quantile in (0, 1]."
                 )
-            promoted.forking_mode, promoted.forking_ratio = "top", float(args.top_entropy_quantile)
-            promoted.top_entropy_quantile = 1.0
-        for name, value in forking_fields.items():
-            if not name.startswith(OWN_FIELD_PREFIXES) or not hasattr(promoted, name):
-                raise TypeError(f"from_grpo_config() got an unknown forking field {name!r}.")
-            setattr(promoted, name, value)
-        promoted.validate()
-        return promoted
+            self.forking_mode, self.forking_ratio = "top", float(args.top_entropy_quantile)
+            self.top_entropy_quantile = 1.0

@@ -20,9 +20,12 @@ Thin glue over TRL's narrowest hooks (`trl>=1.16,<1.17`; `tests/test_trl_contrac
   when TRL makes none), the selection is made once, and its mask rides with the inputs through TRL's shuffle and
   split into micro-batches.
 
-- `_save_rng_state(output_dir)` and `train(resume_from_checkpoint)`: the forking fields, the random mode's
-  generator and where dynamic sampling's further-prompt stream stood are saved beside TRL's RNG states in each
-  checkpoint, and checked and restored on resume.
+- `_save_rng_state(output_dir)` and `_restore_checkpoint_state(checkpoint)` (called by `train` on resume): the
+  forking fields and the random mode's generator are saved beside TRL's RNG states in each checkpoint, and checked
+  and restored on resume.
+
+DAPO's dynamic sampling is `DynamicSamplingMixin` (`forking_trl.dynamic_sampling_trainer`), composed here: its
+generation rounds call `_generate_round`, which the batch scope wraps, and its checkpoint state travels beside ours.
 
 The entropies are TRL's: from the fused LM head, at the sampling temperature, of the current policy; no second pass
 over the logits.
@@ -36,28 +39,15 @@ import logging
 import math
 import os
 import textwrap
-import time
 
-import datasets
 import torch
 import torch.distributed as dist
-from torch.utils.data import IterableDataset
-from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.grpo_trainer import RepeatSampler
 
 from .config import SEQUENCE_MEAN_LOSSES, ForkingGRPOConfig
 from .credit import METHODS, CreditInputs, MethodTerms, token_covariance
-from .dynamic_sampling import (
-    NORMALIZED_SPREAD_TOLERANCE,
-    fill_groups,
-    group_rows,
-    informative_groups,
-    stack_rows,
-    take_groups,
-    training_rewards,
-)
+from .dynamic_sampling_trainer import DynamicSamplingMixin, loss_mask
 from .entropy import LOW_ENTROPY
 from .selection import ForkingSelection, forking_select, percentiles
 
@@ -65,10 +55,9 @@ logger = logging.getLogger(__name__)
 
 ENTROPY_PERCENTILES = (50, 80, 95)  # logged as entropy/p50, ... (nearest rank, all valid tokens of all processes)
 FORKING_STATE_NAME = "forking_state.json"  # in each checkpoint: the forking fields of the run that saved it
-DYNAMIC_SAMPLING_STATE_NAME = "forking_dynamic_sampling.json"  # and where dynamic sampling's prompt stream stood
 
 
-class ForkingGRPOTrainer(GRPOTrainer):
+class ForkingGRPOTrainer(DynamicSamplingMixin, GRPOTrainer):
     """`trl.GRPOTrainer` whose policy gradient reaches only the selected (by default top-20% entropy) tokens.
 
     Same constructor as `GRPOTrainer`. `args` may be a `ForkingGRPOConfig`, or a plain `GRPOConfig`, which is
@@ -87,6 +76,8 @@ class ForkingGRPOTrainer(GRPOTrainer):
     TRL's entropy bonus (`entropy_coef`, `use_adaptive_entropy`, logged as `entropy_coef`) acts on the kept tokens
     only, and its adaptive controller measures their entropy; the config refuses the combination unless
     `forking_kept_entropy_bonus=True`.
+
+    With `dynamic_sampling=True`, DAPO's dynamic sampling (`DynamicSamplingMixin`) and its `dynamic_sampling/*` metrics.
 
     Checkpoints also hold `forking_state.json` (the forking fields), the random mode's generator and, with dynamic
     sampling, where its stream of further prompts stood; resuming with a forking field changed logs a warning
@@ -127,12 +118,6 @@ class ForkingGRPOTrainer(GRPOTrainer):
         self._forking_generator = torch.Generator(device=self.accelerator.device)
         self._forking_generator.manual_seed(args.seed + 1_000_003 * self.accelerator.process_index)
         self._kept_token_counts: collections.Counter[int] = collections.Counter()
-        self._dynamic_rewards_per_func: torch.Tensor | None = None
-        self._dynamic_iterator = None
-        self._dynamic_passes = 0  # passes over the dataset by the further-prompt stream (each its own order)
-        self._dynamic_drawn = 0  # batches drawn in the current pass; with the passes, saved in checkpoints
-        self._dynamic_skip = 0  # on resume: batches of the current pass already drawn before the checkpoint
-        self._dynamic_warned = False
         self._forking_logps: torch.Tensor | None = None  # (B, T) the policy's log-probs in compute_loss, with grad
         self._method_extra: torch.Tensor | None = None  # (B, T) KL-Cov's term, added to the loss by compute_loss
         if args.entropy_method == "kl_cov":
@@ -149,17 +134,6 @@ class ForkingGRPOTrainer(GRPOTrainer):
                     args.steps_per_generation,
                     args.gradient_accumulation_steps,
                 )
-        name = args.dynamic_sampling_reward
-        if name is not None and name not in self.reward_func_names:
-            raise ValueError(
-                f"dynamic_sampling_reward={name!r} is not one of this trainer's reward functions: "
-                f"{', '.join(map(repr, self.reward_func_names))} (or None for the total reward)."
-            )
-        if args.dynamic_sampling and isinstance(self.train_dataset, (IterableDataset, datasets.IterableDataset)):
-            raise ValueError(
-                "dynamic_sampling draws further prompts by index, so it needs a map-style train_dataset "
-                f"(a datasets.Dataset); got {type(self.train_dataset).__name__}. Set dynamic_sampling=False."
-            )
 
     # ------------------------------------------------------------------------------------------------------------
     # hooks
@@ -169,7 +143,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         try:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if self._method_extra is not None:  # KL-Cov: L_t + extra_t, aggregated as TRL aggregated L_t
-                loss = loss + self._aggregate_like_trl(self._method_extra, _loss_mask(inputs), inputs)
+                loss = loss + self._aggregate_like_trl(self._method_extra, loss_mask(inputs), inputs)
             return loss
         finally:
             self._forking_inputs = self._forking_logps = self._method_extra = None
@@ -256,10 +230,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
         raise ValueError(f"no extra per-token term for loss_type={self.loss_type!r}")  # refused by the config
 
     def _generate_and_score_completions(self, inputs):
-        if self.args.dynamic_sampling and self.model.training:
-            output = self._dynamic_sampling(inputs)
-        else:
-            output = self._generate_round(inputs)
+        output = super()._generate_and_score_completions(inputs)  # dynamic sampling's rounds, or one round
         if self.args.forking_scope != "batch":
             return output
 
@@ -269,7 +240,7 @@ class ForkingGRPOTrainer(GRPOTrainer):
             entropies = self._generation_batch_entropies(output)
         # (B, T) bool and a 0-dim scale: TRL's shuffle and split carry both to every micro-batch
         output["forking_mask"], output["forking_scale"] = self._select_and_record(
-            entropies, _loss_mask(output), output["completion_ids"]
+            entropies, loss_mask(output), output["completion_ids"]
         )
         return output
 
@@ -277,11 +248,11 @@ class ForkingGRPOTrainer(GRPOTrainer):
         """One TRL generation round; with `forking_scope="batch"`, its entropies ride along as `forking_entropies`
         when TRL's old-log-prob pass gave them."""
         if self.args.forking_scope != "batch":
-            return super()._generate_and_score_completions(inputs)
+            return super()._generate_round(inputs)
         reuses_old_logps = self._trl_computes_old_logps()
         self._forking_capture, self._forking_captured = reuses_old_logps, None
         try:
-            output = super()._generate_and_score_completions(inputs)
+            output = super()._generate_round(inputs)
         finally:
             self._forking_capture = False
         if ("old_per_token_logps" in output) != reuses_old_logps:
@@ -293,11 +264,6 @@ class ForkingGRPOTrainer(GRPOTrainer):
             output["forking_entropies"] = self._forking_captured  # (B, T)
         self._forking_captured = None
         return output
-
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._dynamic_rewards_per_func = rewards_per_func  # (N_all_processes, num_funcs): dynamic sampling reads it
-        return rewards_per_func
 
     def _get_per_token_logps_and_entropies(self, model, *args, compute_entropy=False, **kwargs):
         capture = self._forking_capture and self._forking_captured is None and model is self.model
@@ -312,167 +278,21 @@ class ForkingGRPOTrainer(GRPOTrainer):
         return logps, entropies, aux_loss
 
     # ------------------------------------------------------------------------------------------------------------
-    # dynamic sampling (DAPO): the decisions are forking_trl.dynamic_sampling's pure functions
-
-    def _dynamic_sampling(self, inputs: list[dict]) -> dict:
-        """Generate rounds until every process holds `len(inputs) / G` informative groups (or the round limit), and
-        return one generation batch of exactly those groups, shaped as TRL's output."""
-        G = self.num_generations
-        needed = len(inputs) // G  # local groups per generation batch (whole groups: checked by the config)
-        parts: list[tuple[dict, torch.Tensor]] = []  # (round output, local rows taken)
-        have = rounds = 0
-        totals = torch.zeros(2, device=self.accelerator.device)  # groups generated, informative, on all processes
-        while True:
-            rounds += 1
-            output = self._generate_round(inputs)
-            if rounds == 1:
-                self._check_stackable(output)
-            informative = self._informative_local_groups(len(inputs))  # (needed,) bool
-            taken = take_groups(informative, needed - have)
-            parts.append((output, group_rows(taken, G)))
-            have += len(taken)
-            # every process makes the same decision, so all take part in the same collectives each round
-            status = torch.tensor([len(informative), informative.sum(), have >= needed], device=totals.device)
-            status = self.accelerator.gather(status.float().unsqueeze(0)).view(-1, 3)
-            totals += status[:, :2].sum(dim=0)
-            if bool(status[:, 2].all()) or rounds >= self.args.dynamic_sampling_max_rounds:
-                break
-            inputs = self._next_dynamic_sampling_batch()
-        filled = 0
-        if have < needed:  # round limit: complete with the last round's uninformative groups (advantage 0)
-            extra = fill_groups(informative, taken, needed - have)
-            parts.append((output, group_rows(extra, G)))
-            filled = len(extra)
-        batch = stack_rows(
-            [(part, rows) for part, rows in parts if len(rows)],
-            left_padded=("prompt_ids", "prompt_mask"),
-            pad_values=dict.fromkeys(("prompt_ids", "completion_ids"), self._pad_token_id()),
-        )
-        batch["num_items_in_batch"] = self.accelerator.gather(_loss_mask(batch).sum()).sum()  # recounted, as TRL
-        self._log_dynamic_sampling(rounds, totals, filled, needed)
-        return batch
-
-    @staticmethod
-    def _check_stackable(output: dict) -> None:
-        """Rounds are combined row by row: every tensor must be per sample, or `num_items_in_batch` (recounted)."""
-        odd = [
-            k for k, v in output.items() if isinstance(v, torch.Tensor) and v.dim() == 0 and k != "num_items_in_batch"
-        ]
-        odd += [k for k in ("pixel_values", "image_grid_thw", "num_images", "num_tiles") if k in output]
-        if odd:
-            raise ValueError(
-                f"dynamic_sampling combines generation rounds row by row and cannot combine {odd}; it supports text "
-                "models. Set dynamic_sampling=False."
-            )
-
-    def _pad_token_id(self) -> int:
-        return getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
-
-    def _informative_local_groups(self, local_size: int) -> torch.Tensor:
-        """`(local_size / G,)` bool: this process's groups of the round just generated that have a reward spread."""
-        per_func = self._dynamic_rewards_per_func  # (N_all, F), gathered by TRL
-        aggregation = self.args.multi_objective_aggregation
-        tolerance = 0.0  # raw rewards: any spread counts (advantages are scaled by the group's std)
-        if self.args.dynamic_sampling_reward is not None:  # one function's reward (DAPO: accuracy)
-            rewards = per_func[:, self.reward_func_names.index(self.args.dynamic_sampling_reward)]
-        else:  # what TRL's advantage uses: the weighted total, or the weighted sum of per-group normalised rewards
-            rewards = training_rewards(per_func, self.reward_weights, self.num_generations, aggregation)
-            if aggregation == "normalize_then_sum":
-                tolerance = NORMALIZED_SPREAD_TOLERANCE
-        start = self.accelerator.process_index * local_size
-        return informative_groups(rewards[start : start + local_size], self.num_generations, tolerance)
-
-    def _log_dynamic_sampling(self, rounds: int, totals: torch.Tensor, filled: int, needed: int) -> None:
-        filled_all = self.accelerator.reduce(torch.tensor(float(filled), device=totals.device), reduction="sum").item()
-        metrics = self._metrics["train"]
-        metrics["dynamic_sampling/rounds"].append(float(rounds))
-        metrics["dynamic_sampling/kept_groups"].append((totals[1] / totals[0].clamp(min=1)).item())
-        metrics["dynamic_sampling/filled_groups"].append(filled_all / (needed * self.accelerator.num_processes))
-        if filled_all and not self._dynamic_warned:
-            logger.warning(
-                "forking_trl: dynamic sampling reached dynamic_sampling_max_rounds=%d with too few informative "
-                "groups; %d of the batch's %d groups are uninformative ones of the last round (advantage 0, no policy "
-                "gradient). Logged as dynamic_sampling/filled_groups; said once. Raise the limit, or check the "
-                "rewards and the data's difficulty.",
-                self.args.dynamic_sampling_max_rounds,
-                int(filled_all),
-                needed * self.accelerator.num_processes,
-            )
-            self._dynamic_warned = True
-
-    def _next_dynamic_sampling_batch(self) -> list[dict]:
-        """The next local batch of further prompts: TRL's group layout (each prompt `G` times, whole groups per
-        process), an order of its own, reshuffled each pass over the dataset."""
-        while True:
-            if self._dynamic_iterator is not None:
-                try:
-                    batch = next(self._dynamic_iterator)
-                    self._dynamic_drawn += 1
-                    if self._dynamic_skip:  # resuming: this batch was drawn before the checkpoint
-                        self._dynamic_skip -= 1
-                        continue
-                    return batch
-                except StopIteration:
-                    self._dynamic_passes += 1
-                    self._dynamic_drawn = self._dynamic_skip = 0
-            seed = self.args.seed + 1 + self._dynamic_passes
-            loader = self._get_dataloader(
-                dataset=self.train_dataset,
-                description="Dynamic sampling",
-                batch_size=self._train_batch_size * self.args.steps_per_generation,
-                sampler_fn=lambda dataset: RepeatSampler(
-                    data_source=dataset,
-                    mini_repeat_count=self.num_generations,
-                    batch_size=self.args.generation_batch_size // self.num_generations,
-                    repeat_count=1,
-                    shuffle=True,
-                    seed=seed,
-                ),
-                is_training=True,
-            )
-            self._dynamic_iterator = iter(loader)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # checkpoints: the forking fields, the random mode's generator and the further-prompt stream travel with them
+    # checkpoints: the forking fields and the random mode's generator travel with them (the stream: the mixin)
 
     def _save_rng_state(self, output_dir: str) -> None:
-        super()._save_rng_state(output_dir)  # makes output_dir on every process
+        super()._save_rng_state(output_dir)  # TRL's and dynamic sampling's; makes output_dir on every process
         if self.args.should_save:
             with open(os.path.join(output_dir, FORKING_STATE_NAME), "w") as f:
                 json.dump(self.args.forking_fields(), f, indent=2)
-            if self.args.dynamic_sampling:  # the same on every process
-                with open(os.path.join(output_dir, DYNAMIC_SAMPLING_STATE_NAME), "w") as f:
-                    json.dump({"passes": self._dynamic_passes, "drawn": self._dynamic_drawn}, f)
         torch.save(self._forking_generator.get_state(), self._generator_file(output_dir))
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:  # as Trainer.train: the last checkpoint in output_dir (Trainer raises if none)
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-        if isinstance(checkpoint, str):
-            self._restore_forking_state(checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def end_distributed(self, grace_s: float = 0.2) -> None:
-        """End a launched run cleanly; call it last in a script (the trainer cannot train after it).
-
-        Finishes Accelerate's trackers and destroys the process group (`accelerator.end_training()`, as PyTorch asks
-        of every script), then, if a group existed, sleeps `grace_s` seconds with the GIL released. The sleep is for
-        gloo (CPU runs): a gloo worker thread frees the tensors of the last collective (transformers' final
-        `store_flos` all-gather, about 1 ms before the script ends) only after the caller has its result, and needs
-        the GIL for that. If the interpreter is already finalizing, the thread is killed inside C++ and the rank
-        aborts with "terminate called without an active exception" (pytorch/pytorch#190489); destroying the group
-        does not stop its workers while something else still holds it (DeepSpeed keeps the world group as a default
-        argument). Seen in ~1 of 30 two-process CPU runs under load without this; the sleep gives the worker its turn.
-        """
-        was_distributed = dist.is_available() and dist.is_initialized()
-        self.accelerator.end_training()
-        if was_distributed:
-            time.sleep(grace_s)
+    def _restore_checkpoint_state(self, checkpoint: str) -> None:
+        self._restore_forking_state(checkpoint)
+        super()._restore_checkpoint_state(checkpoint)  # dynamic sampling's further-prompt stream
 
     def _restore_forking_state(self, checkpoint: str) -> None:
-        """Warn about each forking field that differs from the checkpoint's run; restore the generator and the
-        further-prompt stream."""
+        """Warn about each forking field that differs from the checkpoint's run; restore the generator."""
         path = os.path.join(checkpoint, FORKING_STATE_NAME)
         if not os.path.isfile(path):
             logger.warning(
@@ -499,37 +319,6 @@ class ForkingGRPOTrainer(GRPOTrainer):
         generator_file = self._generator_file(checkpoint)
         if os.path.isfile(generator_file):
             self._forking_generator.set_state(torch.load(generator_file, weights_only=True))
-        stream_file = os.path.join(checkpoint, DYNAMIC_SAMPLING_STATE_NAME)
-        if self.args.dynamic_sampling and os.path.isfile(stream_file):  # the further prompts go on where they were
-            with open(stream_file) as f:
-                stream = json.load(f)
-            self._dynamic_iterator = None
-            self._dynamic_passes, self._dynamic_drawn, self._dynamic_skip = stream["passes"], 0, stream["drawn"]
-            self._warn_if_inside_a_generation_window(checkpoint)
-
-    def _warn_if_inside_a_generation_window(self, checkpoint: str) -> None:
-        """TRL keeps the generation batch it trains on for `steps_per_generation * num_iterations` micro-batches and
-        does not checkpoint it: resuming inside that window regenerates it, which draws further prompts the
-        uninterrupted run did not draw. The stream then cannot follow the uninterrupted run; say so."""
-        state_file = os.path.join(checkpoint, "trainer_state.json")
-        if not os.path.isfile(state_file):
-            return
-        with open(state_file) as f:
-            step = json.load(f).get("global_step", 0)
-        generate_every = self.args.generation_window
-        if (step * self.args.gradient_accumulation_steps) % generate_every:
-            logger.warning(
-                "forking_trl: %s (step %d) is inside a generation window (a generation batch serves %d micro-batches: "
-                "steps_per_generation=%d x num_iterations=%d); TRL regenerates it on resume, so dynamic sampling's "
-                "further prompts from here on differ from those of the uninterrupted run. Checkpoints on a window "
-                "boundary (every %d optimizer steps here) resume the stream exactly.",
-                checkpoint,
-                step,
-                generate_every,
-                self.args.steps_per_generation,
-                self.num_iterations,
-                generate_every // math.gcd(generate_every, self.args.gradient_accumulation_steps),
-            )
 
     def _generator_file(self, directory: str) -> str:
         return os.path.join(directory, f"forking_generator_{self.accelerator.process_index}.pth")
@@ -720,9 +509,3 @@ class ForkingGRPOTrainer(GRPOTrainer):
             for text, count in top:
                 table.add_data(self.state.global_step, text, count)
             wandb.log({"forking/top_kept_tokens": table}, commit=False)
-
-
-def _loss_mask(output: dict) -> torch.Tensor:
-    """`(B, T)` tokens of a generation batch that count in the loss: the completion mask times TRL's tool mask."""
-    mask = output["completion_mask"]
-    return mask * output["tool_mask"] if "tool_mask" in output else mask

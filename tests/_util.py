@@ -13,7 +13,8 @@ def length_reward(completions, **kwargs) -> list[float]:
     return [float(len(c[0]["content"]) % 5) for c in completions]
 
 
-def trainer_args(tmp_path, **overrides):
+def trainer_args(tmp_path, config_class=None, **overrides):
+    """The suite's tiny settings as a `ForkingGRPOConfig` (or `config_class`, e.g. `DynamicSamplingGRPOConfig`)."""
     from forking_trl import ForkingGRPOConfig
 
     kwargs = dict(
@@ -31,7 +32,7 @@ def trainer_args(tmp_path, **overrides):
         disable_tqdm=True,
     )
     kwargs.update(overrides)
-    return ForkingGRPOConfig(**kwargs)
+    return (config_class or ForkingGRPOConfig)(**kwargs)
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
+from dataclasses import fields
+
 import pytest
 from trl import GRPOConfig, TrlParser
 
-from forking_trl import ForkingGRPOConfig
+from forking_trl import DynamicSamplingGRPOConfig, ForkingGRPOConfig
 
 COMMON = dict(output_dir="/tmp/forking-config-test", report_to=[], use_cpu=True)
 
@@ -103,3 +105,55 @@ def test_forking_fields_lists_every_forking_field():
     assert all(name.startswith(own) for name in recorded) and "forking_scope" in recorded
     assert recorded["dynamic_sampling"] is False
     assert recorded["entropy_method"] == "none" and recorded["kl_cov_ratio"] == 2e-3  # the methods' fields too
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DynamicSamplingGRPOConfig: dynamic sampling alone, for plain GRPO
+
+DYNAMIC_FIELDS = {"dynamic_sampling", "dynamic_sampling_max_rounds", "dynamic_sampling_reward"}
+
+
+def test_dynamic_sampling_config_adds_only_its_fields_each_documented():
+    added = {f.name for f in fields(DynamicSamplingGRPOConfig)} - {f.name for f in fields(GRPOConfig)}
+    assert added == DYNAMIC_FIELDS
+    doc = DynamicSamplingGRPOConfig.__doc__
+    for name in added:
+        assert f"{name} (`" in doc and DynamicSamplingGRPOConfig.__dataclass_fields__[name].metadata["help"], name
+    assert "2503.14476" in doc
+    args = DynamicSamplingGRPOConfig(**COMMON)
+    assert args.own_fields() == {
+        "dynamic_sampling": True,
+        "dynamic_sampling_max_rounds": 10,
+        "dynamic_sampling_reward": None,
+    }
+    assert DynamicSamplingGRPOConfig(**COMMON, top_entropy_quantile=0.2).top_entropy_quantile == 0.2  # TRL's own
+
+
+def test_dynamic_sampling_is_on_in_its_own_config_and_off_in_the_forking_one():
+    assert DynamicSamplingGRPOConfig(**COMMON).dynamic_sampling is True
+    assert ForkingGRPOConfig(**COMMON).dynamic_sampling is False  # as before the split
+    plain = GRPOConfig(**COMMON, per_device_train_batch_size=4, num_generations=4, steps_per_generation=3)
+    promoted = DynamicSamplingGRPOConfig.from_grpo_config(plain)
+    assert promoted.dynamic_sampling is True and (promoted.steps_per_generation, promoted.generation_batch_size) == (
+        3,
+        12,
+    )
+    assert not hasattr(promoted, "forking_mode")
+    forking = ForkingGRPOConfig.from_grpo_config(promoted)  # a dynamic-sampling config keeps its values
+    assert (forking.dynamic_sampling, forking.forking_mode) == (True, "top")
+    assert ForkingGRPOConfig.from_grpo_config(plain).dynamic_sampling is False
+    with pytest.raises(TypeError, match="unknown field 'forking_mode' for DynamicSamplingGRPOConfig"):
+        DynamicSamplingGRPOConfig.from_grpo_config(plain, forking_mode="top")
+    with pytest.raises(ValueError, match="dynamic_sampling_max_rounds"):
+        DynamicSamplingGRPOConfig.from_grpo_config(plain, dynamic_sampling_max_rounds=0)
+
+
+def test_dynamic_sampling_cli_flags_override_and_turn_it_off():
+    (args,) = TrlParser(DynamicSamplingGRPOConfig).parse_args_and_config(
+        ["--output_dir", "/tmp/x", "--use_cpu", "true", "--dynamic_sampling_max_rounds", "4"]
+    )
+    assert (args.dynamic_sampling, args.dynamic_sampling_max_rounds) == (True, 4)
+    (args,) = TrlParser(DynamicSamplingGRPOConfig).parse_args_and_config(
+        ["--output_dir", "/tmp/x", "--use_cpu", "true", "--dynamic_sampling", "false"]
+    )
+    assert args.dynamic_sampling is False

@@ -1,4 +1,5 @@
-"""DAPO dynamic sampling: the pure decisions on hand-built tensors, then training in one and in two processes."""
+"""DAPO dynamic sampling: the pure decisions on hand-built tensors, then training in one and in two processes, each
+training test with both trainers that carry it: `DynamicSamplingGRPOTrainer` (plain GRPO) and `ForkingGRPOTrainer`."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from _util import AdvantageSpy, half_constant_reward, logged, prompt_dataset, trainer_args
-from forking_trl import ForkingGRPOTrainer
+from forking_trl import DynamicSamplingGRPOConfig, DynamicSamplingGRPOTrainer, ForkingGRPOConfig, ForkingGRPOTrainer
 from forking_trl.dynamic_sampling import (
     NORMALIZED_SPREAD_TOLERANCE,
     fill_groups,
@@ -108,7 +109,26 @@ def test_stack_rows_pads_prompts_left_and_completions_right():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# training
+# training, with either trainer
+
+TRAINERS = {
+    "plain": (DynamicSamplingGRPOTrainer, DynamicSamplingGRPOConfig),
+    "forking": (ForkingGRPOTrainer, ForkingGRPOConfig),
+}
+
+
+@pytest.fixture(params=list(TRAINERS))
+def kind(request) -> str:
+    return request.param
+
+
+def ds_args(kind, tmp_path, **overrides):
+    """The suite's tiny settings as the config of `kind`'s trainer, dynamic sampling on unless overridden."""
+    return trainer_args(tmp_path, config_class=TRAINERS[kind][1], **{"dynamic_sampling": True, **overrides})
+
+
+def make_trainer(kind, model, reward, args, dataset=None):
+    return TRAINERS[kind][0](model, reward, args=args, train_dataset=prompt_dataset() if dataset is None else dataset)
 
 
 def only_informative(seen) -> None:
@@ -122,21 +142,27 @@ def only_informative(seen) -> None:
     assert all(any(abs(a) > 1e-3 for a in advs) for advs in by_prompt.values())
 
 
+PLAIN_SETTINGS = {
+    "plain": dict(),
+    "accumulation": dict(steps_per_generation=2, gradient_accumulation_steps=2, per_device_train_batch_size=4),
+    "iterations": dict(num_iterations=2),
+}
+FORKING_SETTINGS = {
+    "batch-scope": dict(forking_scope="batch"),
+    "batch-scope-reuse": dict(forking_scope="batch", num_iterations=2, loss_type="dapo"),
+}
+SETTINGS = [
+    pytest.param(k, name, overrides, id=f"{k}-{name}")
+    for k in TRAINERS
+    for name, overrides in {**PLAIN_SETTINGS, **(FORKING_SETTINGS if k == "forking" else {})}.items()
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        dict(),
-        dict(steps_per_generation=2, gradient_accumulation_steps=2, per_device_train_batch_size=4),
-        dict(num_iterations=2),
-        dict(forking_scope="batch"),
-        dict(forking_scope="batch", num_iterations=2, loss_type="dapo"),
-    ],
-    ids=["plain", "accumulation", "iterations", "batch-scope", "batch-scope-reuse"],
-)
-def test_only_informative_groups_reach_the_loss(tiny_model, tmp_path, overrides):
-    args = trainer_args(tmp_path, dynamic_sampling=True, max_steps=3, **overrides)
-    trainer = ForkingGRPOTrainer(tiny_model, half_constant_reward, args=args, train_dataset=prompt_dataset())
+@pytest.mark.parametrize("kind, name, overrides", SETTINGS)
+def test_only_informative_groups_reach_the_loss(tiny_model, tmp_path, kind, name, overrides):
+    args = ds_args(kind, tmp_path, max_steps=3, **overrides)
+    trainer = make_trainer(kind, tiny_model, half_constant_reward, args)
     spy = AdvantageSpy(trainer)
     trainer.train()
     only_informative(spy.seen)
@@ -145,18 +171,20 @@ def test_only_informative_groups_reach_the_loss(tiny_model, tmp_path, overrides)
     assert rounds and all(r >= 1 for r in rounds)
     assert kept and all(0 < k < 1 for k in kept)  # half the prompts are uninformative
     assert all(f == 0.0 for f in logged(trainer, "dynamic_sampling/filled_groups"))
-    if args.forking_scope == "batch":
+    if getattr(args, "forking_scope", None) == "batch":
         assert all(abs(k - 0.2) < 0.12 for k in logged(trainer, "forking/kept_fraction"))
+    if kind == "plain":  # dynamic sampling alone: none of the forking machinery ran
+        assert not any(key.startswith(("forking/", "cov/")) for entry in trainer.state.log_history for key in entry)
 
 
 @pytest.mark.slow
-def test_without_it_uninformative_groups_reach_the_loss(tiny_model, tmp_path):
+def test_without_it_uninformative_groups_reach_the_loss(tiny_model, tmp_path, kind):
     # the control for the test above: the spy does see even prompts when dynamic sampling is off
-    args = trainer_args(tmp_path, max_steps=3)
-    trainer = ForkingGRPOTrainer(tiny_model, half_constant_reward, args=args, train_dataset=prompt_dataset())
+    trainer = make_trainer(kind, tiny_model, half_constant_reward, ds_args(kind, tmp_path, dynamic_sampling=False))
     spy = AdvantageSpy(trainer)
     trainer.train()
     assert any(n % 2 == 0 for numbers, _ in spy.seen for n in numbers)
+    assert not logged(trainer, "dynamic_sampling/rounds")
 
 
 def constant_reward(completions, **kwargs):
@@ -164,10 +192,10 @@ def constant_reward(completions, **kwargs):
 
 
 @pytest.mark.slow
-def test_round_limit_when_every_group_is_uninformative(tiny_model, tmp_path, caplog):
-    args = trainer_args(tmp_path, dynamic_sampling=True, dynamic_sampling_max_rounds=3, max_steps=2)
-    trainer = ForkingGRPOTrainer(tiny_model, constant_reward, args=args, train_dataset=prompt_dataset())
-    with caplog.at_level("WARNING", logger="forking_trl.trainer"):
+def test_round_limit_when_every_group_is_uninformative(tiny_model, tmp_path, caplog, kind):
+    args = ds_args(kind, tmp_path, dynamic_sampling_max_rounds=3, max_steps=2)
+    trainer = make_trainer(kind, tiny_model, constant_reward, args)
+    with caplog.at_level("WARNING", logger="forking_trl.dynamic_sampling_trainer"):
         trainer.train()
     assert trainer.state.global_step == 2  # training went on
     assert logged(trainer, "dynamic_sampling/rounds") == [3.0, 3.0]
@@ -177,17 +205,11 @@ def test_round_limit_when_every_group_is_uninformative(tiny_model, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_resume_from_a_checkpoint_with_it_on(tiny_model, tmp_path):
-    kwargs = dict(dynamic_sampling=True, max_steps=2, save_strategy="steps", save_steps=1)
-    first = ForkingGRPOTrainer(
-        tiny_model, half_constant_reward, args=trainer_args(tmp_path, **kwargs), train_dataset=prompt_dataset()
-    )
-    first.train()
-    resumed = ForkingGRPOTrainer(
-        tiny_model,
-        half_constant_reward,
-        args=trainer_args(tmp_path, **{**kwargs, "max_steps": 3}),
-        train_dataset=prompt_dataset(),
+def test_resume_from_a_checkpoint_with_it_on(tiny_model, tmp_path, kind):
+    kwargs = dict(max_steps=2, save_strategy="steps", save_steps=1)
+    make_trainer(kind, tiny_model, half_constant_reward, ds_args(kind, tmp_path, **kwargs)).train()
+    resumed = make_trainer(
+        kind, tiny_model, half_constant_reward, ds_args(kind, tmp_path, **{**kwargs, "max_steps": 3})
     )
     spy = AdvantageSpy(resumed)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
@@ -196,37 +218,42 @@ def test_resume_from_a_checkpoint_with_it_on(tiny_model, tmp_path):
     assert all(math.isfinite(x) for x in logged(resumed, "dynamic_sampling/kept_groups"))
 
 
-def test_construction_errors_name_the_fields(tiny_model, tmp_path):
+def test_construction_errors_name_the_fields(tiny_model, tmp_path, kind):
     from datasets import IterableDataset
 
     with pytest.raises(ValueError, match="dynamic_sampling_max_rounds"):
-        trainer_args(tmp_path, dynamic_sampling=True, dynamic_sampling_max_rounds=0)
+        ds_args(kind, tmp_path, dynamic_sampling_max_rounds=0)
+    with pytest.raises(ValueError, match="dynamic_sampling_reward must be a reward function's name or None"):
+        ds_args(kind, tmp_path, dynamic_sampling_reward=3)
     # with 2 processes and per_device_train_batch_size=6, a group of 4 would span both processes
-    args = trainer_args(tmp_path, dynamic_sampling=True, per_device_train_batch_size=8, num_generations=4)
+    args = ds_args(kind, tmp_path, per_device_train_batch_size=8, num_generations=4)
     args.per_device_train_batch_size = 6
     with pytest.raises(ValueError, match=r"6 \* 1 = 6\) must be a multiple of num_generations \(4\)"):
         args._check_dynamic_sampling()
+    with pytest.raises(ValueError, match=r"must be a multiple of num_generations"):  # checked again by the trainer
+        make_trainer(kind, tiny_model, half_constant_reward, args)
     stream = IterableDataset.from_generator(lambda: iter(prompt_dataset()))
     with pytest.raises(ValueError, match="map-style train_dataset"):
-        ForkingGRPOTrainer(
-            tiny_model, half_constant_reward, args=trainer_args(tmp_path, dynamic_sampling=True), train_dataset=stream
-        )
+        make_trainer(kind, tiny_model, half_constant_reward, ds_args(kind, tmp_path), dataset=stream)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scope", ["micro_batch", "batch"])
-def test_two_processes_train_only_on_informative_groups(tiny_model, tmp_path, scope):
+@pytest.mark.parametrize(
+    "kind, scope", [("plain", "micro_batch"), ("forking", "micro_batch"), ("forking", "batch")], indirect=["kind"]
+)
+def test_two_processes_train_only_on_informative_groups(tiny_model, tmp_path, kind, scope):
     from pathlib import Path
 
     records = launch(
         tmp_path,
         ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
         + ["--dynamo_backend", "no"],
-        ["--model", tiny_model, "--output_dir", str(tmp_path), "--scope", scope],
+        ["--model", tiny_model, "--output_dir", str(tmp_path), "--scope", scope, "--trainer", kind],
         {"ACCELERATE_USE_CPU": "true"},
         script=Path(__file__).resolve().parent / "scripts" / "train_dynamic.py",
     )
     assert len(records) == 2 and all(r["world_size"] == 2 and r["steps"] == 3 for r in records)
+    assert all(r["trainer"] == TRAINERS[kind][0].__name__ for r in records)
     for record in records:
         only_informative(record["seen"])
     assert records[0]["rounds"] == records[1]["rounds"]  # the same rounds on both: every collective was joined
@@ -238,18 +265,16 @@ def length_noise(completions, **kwargs):
 
 
 @pytest.mark.slow
-def test_dynamic_sampling_reward_picks_the_function_that_decides(tiny_model, tmp_path):
+def test_dynamic_sampling_reward_picks_the_function_that_decides(tiny_model, tmp_path, kind):
     # the total reward varies in every group (length_noise), so only the named function can filter
-    args = trainer_args(tmp_path, dynamic_sampling=True, dynamic_sampling_reward="half_constant_reward", max_steps=2)
-    trainer = ForkingGRPOTrainer(
-        tiny_model, [half_constant_reward, length_noise], args=args, train_dataset=prompt_dataset()
-    )
+    args = ds_args(kind, tmp_path, dynamic_sampling_reward="half_constant_reward", max_steps=2)
+    trainer = make_trainer(kind, tiny_model, [half_constant_reward, length_noise], args)
     spy = AdvantageSpy(trainer)
     trainer.train()
     assert all(n % 2 == 1 for numbers, _ in spy.seen for n in numbers)
     args.dynamic_sampling_reward = "accuracy_reward"
     with pytest.raises(ValueError, match="dynamic_sampling_reward='accuracy_reward' is not one of"):
-        ForkingGRPOTrainer(tiny_model, [half_constant_reward, length_noise], args=args, train_dataset=prompt_dataset())
+        make_trainer(kind, tiny_model, [half_constant_reward, length_noise], args)
 
 
 class DrawSpy:
@@ -267,11 +292,10 @@ class DrawSpy:
 
 
 @pytest.mark.slow
-def test_resume_continues_the_further_prompt_stream(tiny_model, tmp_path):
+def test_resume_continues_the_further_prompt_stream(tiny_model, tmp_path, kind):
     # the further prompts drawn after a resume are those the uninterrupted run drew after the same checkpoint
-    kwargs = dict(dynamic_sampling=True, max_steps=3, save_strategy="steps", save_steps=1)
-    args = trainer_args(tmp_path, **kwargs)
-    whole = ForkingGRPOTrainer(tiny_model, half_constant_reward, args=args, train_dataset=prompt_dataset())
+    kwargs = dict(max_steps=3, save_strategy="steps", save_steps=1)
+    whole = make_trainer(kind, tiny_model, half_constant_reward, ds_args(kind, tmp_path, **kwargs))
     spy = DrawSpy(whole)
     whole.train()
     before = [texts for step, texts in spy.draws if step < 2]
@@ -280,28 +304,52 @@ def test_resume_continues_the_further_prompt_stream(tiny_model, tmp_path):
     saved = json.loads((tmp_path / "checkpoint-2" / "forking_dynamic_sampling.json").read_text())
     assert saved == {"passes": 0, "drawn": len(before)}
 
-    args = trainer_args(tmp_path, **kwargs)
-    resumed = ForkingGRPOTrainer(tiny_model, half_constant_reward, args=args, train_dataset=prompt_dataset())
+    resumed = make_trainer(kind, tiny_model, half_constant_reward, ds_args(kind, tmp_path, **kwargs))
     spy = DrawSpy(resumed)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert [texts for _, texts in spy.draws] == after
 
 
-def test_resume_inside_a_generation_window_warns_that_the_stream_diverges(tiny_model, tmp_path, caplog):
+def test_resume_inside_a_generation_window_warns_that_the_stream_diverges(tiny_model, tmp_path, caplog, kind):
     """Issue 15, finding 6: with num_iterations 2, checkpoint-1 falls inside a generation window; TRL regenerates on
     resume, so the further prompts cannot follow the uninterrupted run: say so. checkpoint-2 is on a boundary."""
-    kwargs = dict(dynamic_sampling=True, num_iterations=2, max_steps=2, save_strategy="steps", save_steps=1)
-    ForkingGRPOTrainer(
-        tiny_model, half_constant_reward, args=trainer_args(tmp_path, **kwargs), train_dataset=prompt_dataset()
-    ).train()
+    kwargs = dict(num_iterations=2, max_steps=2, save_strategy="steps", save_steps=1)
+    make_trainer(kind, tiny_model, half_constant_reward, ds_args(kind, tmp_path, **kwargs)).train()
     for checkpoint, inside in (("checkpoint-1", True), ("checkpoint-2", False)):
-        resumed = ForkingGRPOTrainer(
-            tiny_model,
-            half_constant_reward,
-            args=trainer_args(tmp_path, **{**kwargs, "max_steps": 3}),
-            train_dataset=prompt_dataset(),
+        resumed = make_trainer(
+            kind, tiny_model, half_constant_reward, ds_args(kind, tmp_path, **{**kwargs, "max_steps": 3})
         )
         caplog.clear()
         with caplog.at_level("WARNING"):
             resumed.train(resume_from_checkpoint=str(tmp_path / checkpoint))
         assert ("inside a generation window" in caplog.text) == inside, checkpoint
+
+
+def index_reward(completions, **kwargs):
+    return [float(k % 4) for k in range(len(completions))]  # a spread in every group of 4: all informative
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("on", [False, True], ids=["off", "on-all-informative"])
+def test_plain_trainer_trains_exactly_as_grpo_trainer_when_nothing_is_dropped(tiny_model, tmp_path, on):
+    """`DynamicSamplingGRPOTrainer` adds dynamic sampling and nothing else: off, or on with every group informative
+    (one round, all rows taken), its parameters after training are bit-equal to `trl.GRPOTrainer`'s."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from _util import changed, snapshot
+
+    reference = GRPOTrainer(
+        tiny_model,
+        index_reward,
+        args=trainer_args(tmp_path / "trl", config_class=GRPOConfig),
+        train_dataset=prompt_dataset(),
+    )
+    start = snapshot(reference.model)
+    reference.train()
+    assert changed(start, reference.model)  # training moved the weights, so equality below is not vacuous
+    plain = make_trainer("plain", tiny_model, index_reward, ds_args("plain", tmp_path / "ds", dynamic_sampling=on))
+    plain.train()
+    assert logged(plain, "dynamic_sampling/rounds") == ([1.0, 1.0] if on else [])
+    expected, got = snapshot(reference.model), snapshot(plain.model)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)

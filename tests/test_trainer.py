@@ -336,11 +336,11 @@ def test_end_distributed_ends_training_and_waits_only_with_a_process_group(make_
     trainer = make_trainer()
     ended, slept = [], []
     monkeypatch.setattr(trainer.accelerator, "end_training", lambda: ended.append(True))
-    monkeypatch.setattr("forking_trl.trainer.time.sleep", slept.append)
+    monkeypatch.setattr("time.sleep", slept.append)
     trainer.end_distributed()
     assert ended == [True] and slept == []
 
-    monkeypatch.setattr("forking_trl.trainer.dist.is_initialized", lambda: True)
+    monkeypatch.setattr("torch.distributed.is_initialized", lambda: True)
     trainer.end_distributed(grace_s=0.5)
     assert ended == [True, True] and slept == [0.5]
 

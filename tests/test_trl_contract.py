@@ -119,6 +119,20 @@ def test_dynamic_sampling_hooks():
     assert prep.index("self._generate_and_score_completions(generation_batch)") < prep.index("shuffle_sequence_dict")
 
 
+def test_dynamic_sampling_mixin_overrides_only_the_hooks_it_names():
+    from forking_trl.dynamic_sampling_trainer import DynamicSamplingMixin
+
+    # a TRL method with the name of one of the mixin's own would be overridden silently
+    hooks = {"__init__", "_generate_and_score_completions", "_calculate_rewards", "_save_rng_state", "train"}
+    own = {
+        name
+        for name, value in vars(DynamicSamplingMixin).items()
+        if callable(value) or isinstance(value, staticmethod)
+    }
+    assert hooks <= own
+    assert not {name for name in own - hooks if hasattr(GRPOTrainer, name)}
+
+
 def test_end_distributed_uses_accelerates_end_training_and_shadows_nothing():
     from accelerate import Accelerator
 
