@@ -113,8 +113,11 @@ def main():
         return
     rounds = args.rounds or (1 if args.quick else 3)
 
-    from forking_trl.tiny import build_tiny_model
+    from forking_trl.tiny import build_tiny_model, pick_threads
 
+    threads, why = pick_threads()  # chosen once: every variant runs in as many threads, so no ratio is biased
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    print(f"torch threads of every run: {threads} ({why})", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model = str(build_tiny_model(os.path.join(tmp, "model"), hidden_size=128, num_layers=4))
         results = {v: [] for v in VARIANTS}

@@ -3,11 +3,15 @@
     make demo                                   # = python examples/demo.py --output_dir outputs/demo
 
 1. builds a tiny Qwen3 and tokenizer (no download) if missing;
-2. warm-starts it briefly on synthetic arithmetic with worked answers, so sampled rewards are neither all 0 nor all 1;
+2. warm-starts it briefly on synthetic arithmetic with worked answers, so sampled rewards are neither all 0 nor all 1
+   (in one thread, so the same start on any core count);
 3. trains two arms from that same start with the math accuracy reward, identical but for the tokens that receive
    policy gradient: `top` (ForkingGRPOTrainer, forking_mode="top", forking_ratio=0.2) and `all` (every token);
 4. writes metrics_top.jsonl, metrics_all.jsonl, training.png (reward of both arms over steps; entropy of the kept
    and of the dropped tokens) and summary.json (both arms) to --output_dir.
+
+Torch threads: `OMP_NUM_THREADS` when set, else as many as there are idle cores at the start (a tiny model's ops
+are small, and a thread that another process has descheduled stalls the others at every op).
 
 One demo run is one seed: its difference between the arms is not a finding. For that, see `make ablation`.
 """
@@ -23,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoTokenizer, PrinterCallback, TrainerCallback  # noqa: E402
@@ -31,7 +36,7 @@ from forking_trl import ForkingGRPOConfig, ForkingGRPOTrainer  # noqa: E402
 from forking_trl.ablation import sft_warm_start  # noqa: E402
 from forking_trl.data import synthetic_arithmetic  # noqa: E402
 from forking_trl.rewards import accuracy_reward  # noqa: E402
-from forking_trl.tiny import build_tiny_model  # noqa: E402
+from forking_trl.tiny import build_tiny_model, pick_threads  # noqa: E402
 
 ARMS = {"top": ("top", 0.2), "all": ("all", 1.0)}
 KEYS = ("reward", "entropy", "forking/kept_fraction", "forking/entropy_kept", "forking/entropy_dropped")
@@ -147,6 +152,9 @@ def main():
     cli = parser.parse_args()
 
     start = time.time()
+    threads, why = pick_threads()  # a tiny model on a busy CPU runs faster in fewer threads
+    torch.set_num_threads(threads)
+    print(f"torch threads: {threads} ({why}; set OMP_NUM_THREADS to choose)", flush=True)
     out = Path(cli.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = build_tiny_model(out / "tiny-base", hidden_size=128, num_layers=2, seed=cli.seed)

@@ -105,6 +105,15 @@ class AblationArguments:
     sft_steps: int = field(default=800, metadata={"help": "Tiny start model: supervised warm-start steps."})
     sft_learning_rate: float = field(default=3e-3, metadata={"help": "Tiny start model: warm-start learning rate."})
     sft_batch_size: int = field(default=32, metadata={"help": "Tiny start model: warm-start batch size."})
+    bundled_start_model: bool = field(
+        default=True,
+        metadata={
+            "help": "Tiny start model: when the start settings are those of the start model shipped with forking_trl "
+            "(the CPU recipes'), copy it instead of warming one up: the same weights on every machine. False: build "
+            "it here (bit-identical to the shipped one on the machine that built it; another CPU's kernels may "
+            "differ in the last bits, and 800 steps make that another model)."
+        },
+    )
     parallel: int = field(default=2, metadata={"help": "Runs trained at the same time, one process each."})
     threads_per_run: int = field(default=1, metadata={"help": "torch threads of each run's process."})
     quick: bool = field(
@@ -237,13 +246,25 @@ def task_data(ab: AblationArguments) -> tuple[list[dict], list[dict]]:
 
 
 def sft_warm_start(base: Path, out: Path, rows: list[dict], *, steps: int, lr: float, batch_size: int, seed: int):
-    """Supervised warm start on worked solutions (loss on the completion tokens only); reused when `out` exists."""
+    """Supervised warm start on worked solutions (loss on the completion tokens only); reused when `out` exists.
+
+    Runs in one torch thread whatever the caller's setting: how a CPU kernel splits its work over threads changes
+    the last bits of its sums, and 800 steps turn those into another start model (3 threads differed from 1 here).
+    """
+    from .tiny import torch_threads
+
+    if (out / "config.json").exists():
+        return out
+    with torch_threads(1):
+        _warm_start(base, out, rows, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    return out
+
+
+def _warm_start(base: Path, out: Path, rows: list[dict], *, steps: int, lr: float, batch_size: int, seed: int):
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if (out / "config.json").exists():
-        return out
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -267,9 +288,11 @@ def sft_warm_start(base: Path, out: Path, rows: list[dict], *, steps: int, lr: f
         optimizer.zero_grad()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return out
 
 
+# the tiny start model of the recipes' settings (its start-settings.json), built by sft_warm_start on this project's
+# machine: shipped so that every machine starts from the same weights (bundled_data/README.md)
+BUNDLED_START_MODEL = Path(__file__).resolve().parent / "bundled_data" / "start_model"
 # what the tiny start model is built from: recorded beside it, and compared when an output directory is reused
 START_SETTINGS = (
     *("task", "num_train", "max_operand", "tiny_hidden_size", "tiny_num_layers"),
@@ -278,8 +301,9 @@ START_SETTINGS = (
 
 
 def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
-    """The start model: `ab.start_model`, or the tiny Qwen3 warm-started in `out` (reused only when it was built
-    with the same settings, recorded in `out/start-settings.json`; else rebuilt, with a message)."""
+    """The start model: `ab.start_model`; or the tiny Qwen3 of `START_SETTINGS`, the shipped one when those are its
+    settings (`ab.bundled_start_model`), else warm-started in `out`. What is in `out` is reused only when it has the
+    same settings and origin (recorded in `out/start-settings.json`); else it is replaced, with a message."""
     if ab.start_model is not None:
         return ab.start_model
     import shutil
@@ -287,30 +311,36 @@ def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
     from .tiny import build_tiny_model
 
     settings = {name: getattr(ab, name) for name in START_SETTINGS}
-    record = out / "start-settings.json"
-    built = [out / "start-base", out / "start-model"]
-    if any(p.exists() for p in built):
+    shipped = ab.bundled_start_model and settings == json.loads(
+        (BUNDLED_START_MODEL / "start-settings.json").read_text()
+    )
+    wanted = {**settings, "origin": "shipped" if shipped else "built here"}
+    record, model = out / "start-settings.json", out / "start-model"
+    made = [out / "start-base", model]
+    if any(p.exists() for p in made):
         saved = json.loads(record.read_text()) if record.exists() else None
-        if saved != settings:
+        if saved != wanted:
             print(
-                f"start model in {out}: built with {saved or 'unrecorded settings'}, now asked for {settings}; "
+                f"start model in {out}: made with {saved or 'unrecorded settings'}, now asked for {wanted}; "
                 "rebuilding it",
                 flush=True,
             )
-            for path in built:
+            for path in made:
                 shutil.rmtree(path, ignore_errors=True)
-    base = build_tiny_model(out / "start-base", hidden_size=ab.tiny_hidden_size, num_layers=ab.tiny_num_layers)
-    path = sft_warm_start(
-        base,
-        out / "start-model",
-        train,
-        steps=ab.sft_steps,
-        lr=ab.sft_learning_rate,
-        batch_size=ab.sft_batch_size,
-        seed=0,
-    )
-    record.write_text(json.dumps(settings, indent=2))
-    return str(path)
+    if shipped and not (model / "config.json").exists():
+        shutil.copytree(BUNDLED_START_MODEL, model, ignore=shutil.ignore_patterns("start-settings.json"))
+        print(
+            f"start model: the one shipped for these settings, copied to {model} (the same weights on every "
+            "machine; --bundled_start_model false warms one up here)",
+            flush=True,
+        )
+    elif not shipped:
+        base = build_tiny_model(out / "start-base", hidden_size=ab.tiny_hidden_size, num_layers=ab.tiny_num_layers)
+        sft_warm_start(
+            base, model, train, steps=ab.sft_steps, lr=ab.sft_learning_rate, batch_size=ab.sft_batch_size, seed=0
+        )
+    record.write_text(json.dumps(wanted, indent=2))
+    return str(model)
 
 
 def measure(model_path: str, ab: AblationArguments, held: list[dict], start_samples=None, start_scored=None) -> dict:
@@ -406,6 +436,7 @@ def run_ablation(argv: list[str]) -> dict:
     from tqdm.auto import tqdm
 
     from .analysis import plot_histogram, write_html
+    from .tiny import torch_threads
 
     started = time.time()
     ab, training_args = make_parser().parse_args_and_config(argv)
@@ -415,7 +446,8 @@ def run_ablation(argv: list[str]) -> dict:
     train, held = task_data(ab)
     model_path = start_model(ab, out, train)
     print(f"start model: {model_path}; measuring it on {len(held)} held-out problems", flush=True)
-    start, ev, scored = measure(model_path, ab, held)
+    with torch_threads(ab.threads_per_run):  # as each run measures itself: the same numbers on any core count
+        start, ev, scored = measure(model_path, ab, held)
     summary = {**start["entropy"], "top_ratio": 0.2}
     plot_histogram(scored, {**summary, "top_threshold": _top_threshold(scored)}, out / "start_entropy_histogram.png")
     write_html(scored, {**summary, "top_threshold": _top_threshold(scored)}, out / "start_tokens.html", 12)

@@ -10,6 +10,25 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import pytest  # noqa: E402
 
+_THREADS: tuple[int, str] | None = None
+
+
+def pytest_configure(config):
+    """Torch threads for the suite's tiny models: OMP_NUM_THREADS when set, else the idle cores at the start (fewer
+    on a busy machine, where a descheduled thread stalls the others at every small op). The scripts it launches
+    choose their own (`accelerate launch` gives each of several processes one thread)."""
+    global _THREADS
+    import torch
+
+    from forking_trl.tiny import pick_threads
+
+    _THREADS = pick_threads()
+    torch.set_num_threads(_THREADS[0])
+
+
+def pytest_report_header(config):
+    return f"torch threads: {_THREADS[0]} ({_THREADS[1]})" if _THREADS else None
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):

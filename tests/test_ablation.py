@@ -287,3 +287,52 @@ def test_start_model_is_rebuilt_when_its_settings_change(tmp_path, capsys):
     second_settings, second = build(3)
     assert second_settings["sft_steps"] == 3 and second != first
     assert "rebuilding" in capsys.readouterr().out
+
+
+def test_warm_start_is_the_same_whatever_the_callers_thread_count(tmp_path):
+    """Issue 15, finding 8: the start model's weights do not depend on torch's thread count (on this machine, 3
+    threads gave other weights than 1 after 5 steps; 1, 2 and 4 agreed), so the warm start runs in one thread."""
+    import torch
+
+    from forking_trl.ablation import sft_warm_start
+    from forking_trl.data import synthetic_chain
+    from forking_trl.tiny import build_tiny_model, torch_threads
+
+    base = build_tiny_model(tmp_path / "base", hidden_size=128, num_layers=2)
+    rows = synthetic_chain(64, seed=1)
+    weights = {}
+    for threads in (1, 3):
+        with torch_threads(threads):
+            out = sft_warm_start(base, tmp_path / f"sft{threads}", rows, steps=5, lr=3e-3, batch_size=16, seed=0)
+            assert torch.get_num_threads() == threads  # the caller's setting is left as it was
+        weights[threads] = (out / "model.safetensors").read_bytes()
+    assert weights[1] == weights[3]
+
+
+@pytest.mark.parametrize("recipe", ["ablation_cpu", "collapse_cpu", "collapse_unstable_cpu"])
+def test_the_cpu_recipes_start_from_the_shipped_start_model(recipe, tmp_path, capsys, monkeypatch):
+    """Issue 15, finding 8: the recipes' start model is shipped, so every machine starts from the same weights; it is
+    copied (never warmed up) for their settings, and warmed up here when asked to or when the settings differ."""
+    import hashlib
+
+    from forking_trl import ablation
+    from forking_trl.ablation import BUNDLED_START_MODEL, make_parser, start_model
+
+    root = Path(__file__).resolve().parents[1]
+    ab, _ = make_parser().parse_args_and_config(
+        ["--config", str(root / "examples" / "recipes" / f"{recipe}.yaml"), "--output_dir", str(tmp_path)]
+    )
+    warmed = []
+    monkeypatch.setattr(ablation, "sft_warm_start", lambda base, out, *a, **k: warmed.append(out) or out.mkdir())
+    path = Path(start_model(ab, tmp_path, train=[]))
+    assert warmed == [] and "the one shipped for these settings" in capsys.readouterr().out
+    weights = (path / "model.safetensors").read_bytes()
+    assert weights == (BUNDLED_START_MODEL / "model.safetensors").read_bytes()
+    # the weights the README's experiments started from (docs/ablation, docs/collapse)
+    assert hashlib.sha256(weights).hexdigest().startswith("268fc282edaaeaaa")
+    assert json.loads((tmp_path / "start-settings.json").read_text())["origin"] == "shipped"
+
+    ab.bundled_start_model = False  # the same settings, warmed up here: replaced, with a message
+    start_model(ab, tmp_path, train=[])
+    assert warmed == [tmp_path / "start-model"] and "rebuilding" in capsys.readouterr().out
+    assert json.loads((tmp_path / "start-settings.json").read_text())["origin"] == "built here"
