@@ -51,18 +51,20 @@ DYNAMIC_SAMPLING_STATE_NAME = "forking_dynamic_sampling.json"  # in each checkpo
 class DynamicSamplingMixin:
     """Dynamic sampling for a `GRPOTrainer` subclass: `class MyTrainer(DynamicSamplingMixin, GRPOTrainer)`.
 
-    `args` must be a `DynamicSamplingGRPOConfig` (or a subclass) by the time the mixin's `__init__` runs; a plain
-    `GRPOConfig` is promoted with dynamic sampling on. Metrics, logged while training with `dynamic_sampling=True`:
+    `args` is promoted to `config_class` (`DynamicSamplingGRPOConfig`, or a subclass's own config) and validated
+    before TRL's `__init__` runs; a plain `GRPOConfig` keeps every value it holds. Metrics, logged while training with `dynamic_sampling=True`:
     `dynamic_sampling/rounds` (generation rounds made for the generation batch), `dynamic_sampling/kept_groups`
     (informative share of all groups generated in them, all processes) and `dynamic_sampling/filled_groups` (share
     of the batch completed with uninformative groups at the round limit; 0 normally).
     """
 
+    config_class = DynamicSamplingGRPOConfig  # what `args` is promoted to (a subclass's trainer: its own config)
+
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos_args, **kwargs):
-        if args is None:
+        if args is None:  # as TRL: output_dir "<model name>-<trainer>", here DynamicSamplingGRPO or ForkingGRPO
             name = model if isinstance(model, str) else model.config._name_or_path
-            args = DynamicSamplingGRPOConfig(f"{name.split('/')[-1]}-GRPO")
-        args = DynamicSamplingGRPOConfig.from_grpo_config(args)
+            args = self.config_class(f"{name.split('/')[-1]}-{self.config_class.__name__.removesuffix('Config')}")
+        args = self.config_class.from_grpo_config(args)
         args.validate()  # again: fields may have been set after the config was built
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
         self._dynamic_rewards_per_func: torch.Tensor | None = None  # (N_all, F): the last round's, as TRL gathered

@@ -100,13 +100,11 @@ class ForkingGRPOTrainer(DynamicSamplingMixin, GRPOTrainer):
             }"""),
     }
 
+    config_class = ForkingGRPOConfig  # the mixin promotes `args` to it and validates it before TRL's __init__
+
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos_args, **kwargs):
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = ForkingGRPOConfig(f"{name.split('/')[-1]}-ForkingGRPO")
-        args = ForkingGRPOConfig.from_grpo_config(args)
-        args.validate()  # again: fields may have been set after the config was built
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
+        args = self.args
 
         # TRL applies `get_high_entropy_mask` only when this is below 1; our hook reads the forking_* fields instead.
         self.top_entropy_quantile = 0.0
