@@ -2,8 +2,10 @@
 
 `examples/ablation.py` is the command; this module does the work, so that a test can call each piece.
 
-1. One start model: the tiny offline Qwen3 warm-started on `synthetic_chain` (or any model path). Its held-out
-   accuracy (greedy and sampled avg@k) and the entropy pattern of its sampled completions (finding 1).
+1. One start model: the tiny offline Qwen3 warm-started on `synthetic_chain` in one torch thread (shipped in
+   `bundled_data/start_model` for the CPU recipes' settings, so every machine starts from the same weights), or any
+   model path. Its held-out accuracy (greedy and sampled avg@k) and the entropy pattern of its sampled completions
+   (finding 1), measured in `threads_per_run` threads as the runs measure themselves.
 2. Every arm from that start, identical but for the forking and entropy-method fields. Arms are named
    configurations: the paper's `all`, `top` 0.2, `bottom` 0.8, `random` 0.2, the methods that followed it on all
    tokens at their papers' defaults, `clip_cov`, `kl_cov` and `entropy_adv`, and any a recipe defines in
