@@ -330,7 +330,9 @@ def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
             for path in made:
                 shutil.rmtree(path, ignore_errors=True)
     if shipped and not (model / "config.json").exists():
-        shutil.copytree(BUNDLED_START_MODEL, model, ignore=shutil.ignore_patterns("start-settings.json"))
+        shutil.copytree(
+            BUNDLED_START_MODEL, model, ignore=shutil.ignore_patterns("start-settings.json"), dirs_exist_ok=True
+        )
         print(
             f"start model: the one shipped for these settings, copied to {model} (the same weights on every "
             "machine; --bundled_start_model false warms one up here)",

@@ -136,7 +136,7 @@ def idle_cores(window_s: float = 0.2) -> float | None:
         total0, idle0 = sample()
         time.sleep(window_s)
         total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return None
     if total1 <= total0:
         return None
