@@ -73,7 +73,7 @@ class DynamicSamplingGRPOConfig(GRPOConfig):
             per-function normalised rewards).
     """
 
-    # the fields this class adds to GRPOConfig: checkpointed and compared on resume, accepted by from_grpo_config
+    # the fields this class adds to GRPOConfig: what from_grpo_config accepts and own_fields lists
     own_field_prefixes: ClassVar[tuple[str, ...]] = ("dynamic_sampling",)
 
     dynamic_sampling: bool = field(
@@ -136,8 +136,8 @@ class DynamicSamplingGRPOConfig(GRPOConfig):
         return self.gradient_accumulation_steps % self.generation_window == 0
 
     def own_fields(self) -> dict:
-        """The fields this config adds to `GRPOConfig` and their values: recorded in checkpoints, compared on
-        resume."""
+        """The fields this config adds to `GRPOConfig` and their values (`ForkingGRPOTrainer` records them in each
+        checkpoint and compares them on resume)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(self.own_field_prefixes)}
 
     @classmethod
