@@ -168,3 +168,27 @@ def test_step_benchmark_quick_mode():
     # the last table: rounds, step time and informative share of the trained groups
     dynamic = [line for line in out.splitlines() if line.strip().startswith("forking_dynamic")][-1]
     assert dynamic.split()[-1] == "100%"  # with dynamic sampling every trained group is informative
+
+
+def test_evaluate_pass_at_k_counts_every_sample_drawn():
+    """--k 16 --pass_k 4 draws 16 samples: pass@k takes n = 16, the samples counted (it took n = 4: pass@1 58.3%
+    for 4, 3 and 0 of 16 right, whose avg@16 is 14.6%; and 16 of 16 right with --pass_k 8 raised)."""
+    from evaluate import score_benchmark
+
+    def group(right):
+        return ["\\boxed{7}"] * right + ["\\boxed{8}"] * (16 - right)
+
+    samples, golds = [group(4), group(3), group(0)], ["7", "7", "7"]
+    result = score_benchmark(samples, golds, k=16, pass_k=4)
+    assert result["avg@k"] == pytest.approx(7 / 48)
+    assert result["pass@k"]["1"] == pytest.approx(7 / 48)  # pass@1 is the mean accuracy
+    assert list(result["pass@k"]) == ["1", "2", "4"] and result["pass@k_n"] == 16
+    from forking_trl.evaluation import pass_at_k
+
+    expected = (pass_at_k(16, 4, 4) + pass_at_k(16, 3, 4) + 0.0) / 3
+    assert result["pass@k"]["4"] == pytest.approx(expected)
+    full = score_benchmark([group(16)], ["7"], k=16, pass_k=8)
+    assert full["pass@k"] == {"1": 1.0, "2": 1.0, "4": 1.0, "8": 1.0}
+    # avg@k reads only the first k samples; pass@k all of them
+    few = score_benchmark([group(4)], ["7"], k=2, pass_k=16)
+    assert few["avg@k"] == 1.0 and few["pass@k"]["1"] == pytest.approx(4 / 16)
