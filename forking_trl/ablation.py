@@ -319,12 +319,15 @@ def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
     wanted = {**settings, "origin": "shipped" if shipped else "built here"}
     record, model = out / "start-settings.json", out / "start-model"
     made = [out / "start-base", model]
-    if any(p.exists() for p in made):
-        saved = json.loads(record.read_text()) if record.exists() else None
-        if saved != wanted:
+    saved = json.loads(record.read_text()) if record.exists() else None
+    if saved != wanted:
+        # the record describes only what is on disk: gone before anything is deleted or built, written once the model
+        # is complete (a rebuild interrupted here leaves no record, so the next run rebuilds again)
+        record.unlink(missing_ok=True)
+        if any(p.exists() for p in made):
             print(
-                f"start model in {out}: made with {saved or 'unrecorded settings'}, now asked for {wanted}; "
-                "rebuilding it",
+                f"start model in {out}: made with {saved or 'unrecorded (or unfinished) settings'}, now asked for "
+                f"{wanted}; rebuilding it",
                 flush=True,
             )
             for path in made:
@@ -343,7 +346,9 @@ def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
         sft_warm_start(
             base, model, train, steps=ab.sft_steps, lr=ab.sft_learning_rate, batch_size=ab.sft_batch_size, seed=0
         )
-    record.write_text(json.dumps(wanted, indent=2))
+    partial = record.with_suffix(".tmp")
+    partial.write_text(json.dumps(wanted, indent=2))
+    partial.replace(record)  # atomic: a record is whole or absent
     return str(model)
 
 

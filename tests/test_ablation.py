@@ -289,6 +289,36 @@ def test_start_model_is_rebuilt_when_its_settings_change(tmp_path, capsys):
     assert "rebuilding" in capsys.readouterr().out
 
 
+def test_an_interrupted_rebuild_leaves_no_record_of_other_settings(tmp_path, capsys, monkeypatch):
+    """Issue 22, finding 2: settings A built, B interrupted during its warm start, A again must rebuild A (it reused
+    B's half-built hidden-64 base under A's stale record, silently)."""
+    import forking_trl.ablation as ablation
+
+    def build(hidden):
+        ab = AblationArguments(num_train=64, num_eval=4, sft_steps=1, sft_batch_size=4, tiny_hidden_size=hidden)
+        return Path(ablation.start_model(ab, tmp_path, ablation.task_data(ab)[0]))
+
+    def hidden_size(path):
+        return json.loads((path / "config.json").read_text())["hidden_size"]
+
+    assert hidden_size(build(32)) == 32
+    with monkeypatch.context() as m:
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        m.setattr(ablation, "_warm_start", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            build(64)
+    assert not (tmp_path / "start-settings.json").exists()  # nothing on disk is described by a record
+    assert hidden_size(tmp_path / "start-base") == 64  # B's half-built base is there
+    capsys.readouterr()
+    path = build(32)
+    assert hidden_size(path) == 32 and hidden_size(tmp_path / "start-base") == 32
+    assert "rebuilding" in capsys.readouterr().out
+    assert json.loads((tmp_path / "start-settings.json").read_text())["tiny_hidden_size"] == 32
+
+
 def test_warm_start_is_the_same_whatever_the_callers_thread_count(tmp_path):
     """Issue 15, finding 8: the start model's weights do not depend on torch's thread count (on this machine, 3
     threads gave other weights than 1 after 5 steps; 1, 2 and 4 agreed), so the warm start runs in one thread."""
