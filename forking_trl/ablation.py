@@ -531,10 +531,8 @@ def check_arms(ab: AblationArguments, argv: list[str], out: Path) -> None:
             raise ValueError(f"arm {arm!r} {overrides} is not a valid configuration: {reason[0]}") from None
         if args.entropy_method == "kl_cov" and args.fully_on_policy():
             print(
-                f"note: arm {arm!r} is KL-Cov on a fully on-policy recipe (steps_per_generation "
-                f"{args.steps_per_generation}, num_iterations {args.num_iterations}, gradient_accumulation_steps "
-                f"{args.gradient_accumulation_steps}): its penalty is 0, so it trains as all tokens on the unclipped "
-                "surrogate (which on-policy equals the clipped one).",
+                f"note: arm {arm!r} is KL-Cov on a fully on-policy recipe ({args.on_policy_reason()}): its penalty is "
+                "0, so it trains as all tokens on the unclipped surrogate (which on-policy equals the clipped one).",
                 flush=True,
             )
 

@@ -36,6 +36,15 @@ _COV = "The Entropy Mechanism of RL for Reasoning LMs, arXiv 2505.22617"
 _EXPLORE = "Reasoning with Exploration: An Entropy Perspective, arXiv 2506.14758"
 
 
+# when log π_old = log π on every micro-batch: the condition of `fully_on_policy`, TRL's own (pinned in the contract test)
+ON_POLICY_RULE = (
+    "A run is fully on-policy (every micro-batch is trained with the parameters that generated it, so log π_old = "
+    "log π) exactly when gradient_accumulation_steps is a multiple of steps_per_generation × num_iterations: each "
+    "generation batch is then used up inside one optimizer step. Otherwise some generation batch straddles an "
+    "optimizer step, and its micro-batches after that step are off-policy."
+)
+
+
 def _choices(values: tuple[str, ...]) -> str:
     return ", ".join(f"'{v}'" for v in values)
 
@@ -132,8 +141,18 @@ class DynamicSamplingGRPOConfig(GRPOConfig):
     def fully_on_policy(self) -> bool:
         """Every micro-batch is trained on with the parameters that generated it (TRL's condition for skipping its
         old-log-prob pass, vLLM aside; pinned in `tests/test_trl_contract.py`): log π_old is then log π, and KL-Cov's
-        penalty is 0."""
+        penalty is 0. The rule, `ON_POLICY_RULE`: `gradient_accumulation_steps` is a multiple of
+        `steps_per_generation * num_iterations`."""
         return self.gradient_accumulation_steps % self.generation_window == 0
+
+    def on_policy_reason(self) -> str:
+        """Why this config is or is not fully on-policy, in `ON_POLICY_RULE`'s terms and with its own numbers."""
+        ga, spg, ni = self.gradient_accumulation_steps, self.steps_per_generation or 1, self.num_iterations
+        verdict = "is" if self.fully_on_policy() else "is not"
+        return (
+            f"gradient_accumulation_steps={ga} {verdict} a multiple of steps_per_generation × num_iterations = "
+            f"{spg} × {ni} = {self.generation_window}"
+        )
 
     def own_fields(self) -> dict:
         """The fields this config adds to `GRPOConfig` and their values (`ForkingGRPOTrainer` records them in each
@@ -242,7 +261,8 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig):
             sampling only.
         clip_cov_ratio (`float`, *optional*, defaults to `2e-4`):
             Clip-Cov: the share of the active tokens (at least one per micro-batch) that get no policy gradient,
-            drawn at random among those with `clip_cov_lb < cov_t < clip_cov_ub` that PPO's clip has not clipped.
+            drawn at random among those with `clip_cov_lb < cov_t < clip_cov_ub` that PPO's clip has not clipped
+            (nor, with TRL's `delta` set, those with ratio above `delta`, whose gradient is already 0).
             In (0, 1]; the authors' default.
         clip_cov_lb (`float`, *optional*, defaults to `1.0`):
             Clip-Cov: lower bound of cov_t for a token to be a candidate (the authors' default).
@@ -253,10 +273,11 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig):
             KL-Cov: the share of the active tokens (at least one per micro-batch) of largest cov_t that get the
             penalty `kl_cov_coef * |log π_t − log π_old,t|` added to their policy loss. In (0, 1]; the paper's
             recipes use 2e-3 at 7B and 2e-4 at 32B. As in the reference, KL-Cov replaces PPO's clip: with it the
-            trainer trains on the unclipped surrogate −r·A (`epsilon` and `epsilon_high` are not applied). On a
-            fully on-policy run (log π_old = log π, TRL's default with `num_iterations=1` and
-            `steps_per_generation <= gradient_accumulation_steps`) the penalty is 0 in value and gradient, and the
-            trainer warns.
+            trainer trains on the unclipped surrogate −r·A (`epsilon` and `epsilon_high` are not applied; TRL's
+            two-sided clip `delta` is refused). On a fully on-policy run (log π_old = log π: exactly when
+            `gradient_accumulation_steps` is a multiple of `steps_per_generation * num_iterations`, as with TRL's
+            defaults) the penalty is 0 in value and gradient, and the trainer warns. With
+            `forking_normalizer="kept"` the penalty is averaged over the kept tokens, like the policy term.
         kl_cov_coef (`float`, *optional*, defaults to `1.0`):
             KL-Cov: the penalty's coefficient, ≥ 0 (the paper's 1).
         entropy_adv_alpha (`float`, *optional*, defaults to `0.4`):
@@ -466,6 +487,12 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig):
             raise ValueError(
                 f"entropy_method={method!r} needs importance_sampling_level='token' (it acts on single tokens; with "
                 f"{self.importance_sampling_level!r} every token's ratio depends on its whole sequence)."
+            )
+        if method == "kl_cov" and self.delta is not None:
+            raise ValueError(
+                f"entropy_method='kl_cov' trains on the unclipped surrogate -r·A, as its reference (KL-Cov's penalty "
+                f"replaces PPO's clip), but delta={self.delta} is TRL's two-sided clip: it would clamp r at delta "
+                "all the same. Set delta=None (the default) with kl_cov, or use another entropy_method."
             )
 
     def forking_fields(self) -> dict:

@@ -128,8 +128,13 @@ def clip_cov(
     generator: torch.Generator | None = None,
 ) -> MethodTerms:
     """Clip-Cov (Cui et al., arXiv 2505.22617; verl's `compute_policy_loss_clip_cov`): a weight of 0 for
-    `max(int(ratio * n_active), 1)` tokens drawn uniformly from the active tokens with `lb < cov_t < ub` that PPO's
-    clip (`epsilon_low`, `epsilon_high`, and TRL's two-sided `delta` if set) has not clipped; 1 elsewhere.
+    `max(int(ratio * n_active), 1)` tokens drawn uniformly from the active tokens with `lb < cov_t < ub` whose
+    gradient the surrogate's clipping has not already zeroed; 1 elsewhere.
+
+    Already zeroed, so never drawn: the tokens PPO's clip (`epsilon_low`, `epsilon_high`) clipped, the reference's
+    `clip_by_origin`; and with TRL's two-sided clip `delta` set (which the reference has not), the tokens with
+    r > delta, whose ratio TRL clamps at delta (for A > 0 PPO's clip already holds them; for A < 0 the clamped term is
+    the larger one, a constant). Without `delta` the candidates are the reference's exactly.
 
     The draw permutes the candidates in row-major order with `torch.randperm(generator=generator)`, as the
     reference does with the global generator.
@@ -140,6 +145,8 @@ def clip_cov(
         r = torch.exp(x.logps.detach().float() - x.old_logps.detach().float())  # (B, T) importance ratio
         r1 = r if delta is None else r.clamp(max=delta)
         clipped_by_ppo = (-a * r.clamp(1 - epsilon_low, 1 + epsilon_high) > -a * r1) & valid
+        if delta is not None:  # TRL's max(-A min(r, delta), -A clip(r)) has no gradient where r > delta
+            clipped_by_ppo |= (r > delta) & valid
         cov = _covariance(x)
         candidates = acting & ~clipped_by_ppo & (cov > lb) & (cov < ub)
         where = torch.nonzero(candidates)  # (m, 2), row-major

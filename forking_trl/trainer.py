@@ -45,7 +45,7 @@ import torch.distributed as dist
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from .config import SEQUENCE_MEAN_LOSSES, ForkingGRPOConfig
+from .config import ON_POLICY_RULE, SEQUENCE_MEAN_LOSSES, ForkingGRPOConfig
 from .credit import METHODS, CreditInputs, MethodTerms, token_covariance
 from .dynamic_sampling_trainer import DynamicSamplingMixin, loss_mask
 from .entropy import LOW_ENTROPY
@@ -124,13 +124,13 @@ class ForkingGRPOTrainer(DynamicSamplingMixin, GRPOTrainer):
             self.epsilon_low, self.epsilon_high = 1.0, math.inf
             if args.fully_on_policy():
                 logger.warning(
-                    "forking_trl: entropy_method='kl_cov' on a fully on-policy run (num_iterations=1, "
-                    "steps_per_generation=%d <= gradient_accumulation_steps=%d): log π_old is log π itself, so "
-                    "KL-Cov's penalty |log π − log π_old| is 0 in value and gradient and the run trains plain GRPO "
-                    "on the unclipped surrogate. Its penalty acts from the second optimizer step on each generation "
-                    "batch: set steps_per_generation above gradient_accumulation_steps, or num_iterations > 1.",
-                    args.steps_per_generation,
-                    args.gradient_accumulation_steps,
+                    "forking_trl: entropy_method='kl_cov' on a fully on-policy run (%s): log π_old is log π itself, "
+                    "so KL-Cov's penalty |log π − log π_old| is 0 in value and gradient and the run trains plain "
+                    "GRPO on the unclipped surrogate. %s Its penalty acts on the micro-batches after an optimizer "
+                    "step inside a generation batch: choose gradient_accumulation_steps that is not a multiple of "
+                    "steps_per_generation × num_iterations (e.g. steps_per_generation above it).",
+                    args.on_policy_reason(),
+                    ON_POLICY_RULE,
                 )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -184,9 +184,11 @@ class ForkingGRPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         terms = None
         if self.args.entropy_method != "none":
             terms = METHODS[self.args.entropy_method](x, **self._method_params())
+            if terms.extra is not None:  # KL-Cov: its penalty normalised like the policy term it regularises (the
+                # penalised tokens are kept ones, so `weights` is 1 on them, or valid/kept with normalizer "kept")
+                self._method_extra = terms.extra * weights
             if terms.weight is not None:
                 weights = weights * terms.weight
-            self._method_extra = terms.extra
         self._log_covariance(x, terms)
         return weights
 

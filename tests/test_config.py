@@ -68,6 +68,18 @@ def test_promotion_keeps_derived_fields_and_translates_quantile():
         ForkingGRPOConfig.from_grpo_config(GRPOConfig(**COMMON), forking_typo=1)
 
 
+def test_kl_cov_refuses_trls_two_sided_clip():
+    """Issue 22, finding 4: KL-Cov trains the unclipped -r·A as its reference; delta clamped r all the same (trainer
+    loss -0.3115 against the reference's -0.5702), so the combination is refused, naming both fields."""
+    with pytest.raises(ValueError, match=r"entropy_method='kl_cov'.*delta=4.0.*delta=None"):
+        ForkingGRPOConfig(**COMMON, entropy_method="kl_cov", delta=4.0)
+    ForkingGRPOConfig(**COMMON, entropy_method="clip_cov", delta=4.0)  # Clip-Cov keeps PPO's clip, and delta with it
+    args = ForkingGRPOConfig(**COMMON, entropy_method="kl_cov")
+    args.delta = 4.0
+    with pytest.raises(ValueError, match="delta"):
+        args.validate()
+
+
 def test_every_forking_field_is_documented():
     doc = ForkingGRPOConfig.__doc__
     for name, f in ForkingGRPOConfig.__dataclass_fields__.items():

@@ -174,6 +174,32 @@ def test_clip_cov_draws_the_count_among_unclipped_candidates_only():
             assert torch.equal(terms.weight, (~terms.counted).float())
 
 
+def test_clip_cov_never_draws_tokens_whose_gradient_delta_already_zeroed():
+    """Issue 22, finding 4: with TRL's two-sided clip `delta`, a token with r > delta and A < 0 has the constant
+    -A·delta as its loss (no gradient); Clip-Cov drew it as a candidate, wasting its count. Hand-built: r per token
+    [2.0 (> delta), 1.1, 1.05, 0.95], every A < 0, every cov_t in (lb, ub)."""
+    log_r = torch.log(torch.tensor([[2.0, 1.1, 1.05, 0.95]]))
+    logp, old = log_r, torch.zeros(1, 4)
+    adv, mask = torch.tensor([[-1.0, -2.0, -0.5, -3.0]]), torch.ones(1, 4)
+    x = CreditInputs(logp, old, adv, mask)
+
+    def counted(delta):
+        terms = clip_cov(x, ratio=1.0, lb=-1e9, ub=1e9, epsilon_low=0.2, epsilon_high=0.28, delta=delta)
+        return terms.counted[0].tolist()
+
+    # the surrogate TRL trains: max(-A min(r, delta), -A clip(r)); its gradient w.r.t. log r per token
+    def grad(delta):
+        lr = log_r.clone().requires_grad_(True)
+        r = torch.exp(lr)
+        r1 = r if delta is None else r.clamp(max=delta)
+        torch.maximum(-adv * r1, -adv * r.clamp(0.8, 1.28)).sum().backward()
+        return lr.grad[0]
+
+    assert grad(1.5)[0] == 0 and torch.all(grad(1.5)[1:] != 0)
+    assert counted(1.5) == [False, True, True, True]  # r > delta: already no gradient
+    assert counted(None) == [True, True, True, True]  # without delta: the reference's candidates (A < 0: unclipped)
+
+
 def test_clip_cov_with_the_forking_selection_acts_on_kept_tokens_only():
     logp0, old, adv, _, mask = batch()
     keep = torch.zeros_like(mask, dtype=torch.bool)

@@ -425,6 +425,57 @@ def test_entropy_method_loss_and_gradients_match_the_reference(make_trainer, met
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo"])
+def test_kl_cov_penalty_is_normalised_like_the_policy_term_with_the_kept_normalizer(make_trainer, loss_type):
+    """Issue 22, finding 3: with forking_normalizer="kept" the policy term is averaged over the kept tokens, and so is
+    KL-Cov's penalty (it was averaged over the valid tokens: about rho times too light against the policy term)."""
+    penalties = {}
+
+    def penalty_part(normalizer):
+        losses, terms = [], []
+        for coef in (0.0, 1.0):
+            trainer = make_trainer(
+                loss_type=loss_type,
+                forking_mode="top",
+                forking_ratio=0.3,
+                forking_normalizer=normalizer,
+                entropy_method="kl_cov",
+                kl_cov_ratio=0.5,
+                kl_cov_coef=coef,
+            )
+            inputs = fixed_batch(trainer)
+            trainer.model.train()
+            trainer.current_gradient_accumulation_steps = 1
+            with torch.no_grad():
+                logps, _ = reference_logps_and_entropies(trainer, inputs)
+            inputs["old_per_token_logps"] = logps + 0.3 * torch.randn(
+                logps.shape, generator=torch.Generator().manual_seed(1)
+            )
+            aggregate, select = trainer._aggregate_like_trl, trainer.get_high_entropy_mask
+            trainer._aggregate_like_trl = lambda term, *a: terms.append(term.detach()) or aggregate(term, *a)
+            kept = []
+            trainer.get_high_entropy_mask = lambda *a: kept.append(select(*a)) or kept[-1]
+            with torch.no_grad():
+                losses.append(trainer.compute_loss(trainer.model, inputs))
+            keep = kept[-1] != 0
+        penalties[normalizer] = terms[-1]
+        return (losses[1] - losses[0]).item(), keep, inputs["completion_mask"].float()
+
+    part_all, keep, mask = penalty_part("all")
+    part_kept, keep_kept, _ = penalty_part("kept")
+    assert torch.equal(keep, keep_kept)
+    raw = penalties["all"]  # (B, T) the penalty per token: nonzero on the penalised (kept) tokens only
+    assert (raw != 0).any() and torch.all(raw[~keep] == 0)
+    if loss_type == "grpo":  # per sequence: over its valid tokens / over its kept tokens
+        expected_all = (raw.sum(-1) / mask.sum(-1)).mean()
+        expected_kept = (raw.sum(-1) / keep.sum(-1).clamp(min=1)).mean()
+    else:  # one token mean over the micro-batch
+        expected_all, expected_kept = raw.sum() / mask.sum(), raw.sum() / keep.sum()
+    assert part_all == pytest.approx(expected_all.item(), rel=1e-4)
+    assert part_kept == pytest.approx(expected_kept.item(), rel=1e-4)
+    assert part_kept > 2 * part_all  # the kept tokens are 30% of the valid ones
+
+
 def test_entropy_methods_compose_with_the_forking_selection(make_trainer):
     """top 20% with entropy advantage: dropped tokens still get no gradient; kept tokens get the shaped one."""
     trainer = make_trainer(forking_mode="top", forking_ratio=0.3, entropy_method="entropy_adv", loss_type="dapo")
@@ -479,12 +530,37 @@ def test_covariance_metric_is_logged_without_a_method(make_trainer):
     assert not any(key.startswith(("clip_cov", "kl_cov", "entropy_adv")) for key in metrics)
 
 
-def test_kl_cov_on_policy_warns_that_its_penalty_is_zero(tiny_model, tmp_path, caplog):
+@pytest.mark.parametrize(
+    "spg, ni, ga, on_policy",
+    [(1, 1, 1, True), (1, 2, 2, True), (2, 1, 4, True), (3, 1, 4, False), (2, 1, 1, False), (1, 2, 1, False)],
+)
+def test_kl_cov_warns_exactly_when_the_run_is_on_policy_and_its_penalty_says_so(
+    tiny_model, tmp_path, caplog, spg, ni, ga, on_policy
+):
+    """Issue 22, finding 5: the rule is gradient_accumulation_steps a multiple of steps_per_generation x
+    num_iterations (spg 1, ni 2, GA 2 is on-policy; spg 3, ni 1, GA 4 is not, though the old text called it so). The
+    warning states it with the run's numbers; the measured penalty agrees with the verdict."""
+    args = trainer_args(
+        tmp_path,
+        entropy_method="kl_cov",
+        kl_cov_ratio=0.5,
+        forking_mode="all",
+        loss_type="dapo",
+        steps_per_generation=spg,
+        num_iterations=ni,
+        gradient_accumulation_steps=ga,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        max_steps=2,
+    )
+    assert args.fully_on_policy() is on_policy
     with caplog.at_level("WARNING"):
-        ForkingGRPOTrainer(
-            tiny_model,
-            length_reward,
-            args=trainer_args(tmp_path, entropy_method="kl_cov", forking_mode="all"),
-            train_dataset=prompt_dataset(),
-        )
-    assert "penalty |log π − log π_old| is 0 in value and gradient" in caplog.text
+        trainer = ForkingGRPOTrainer(tiny_model, length_reward, args=args, train_dataset=prompt_dataset())
+    warned = "penalty |log π − log π_old| is 0 in value and gradient" in caplog.text
+    assert warned is on_policy
+    if warned:
+        assert args.on_policy_reason() in caplog.text and f"= {spg} × {ni} = {spg * ni}" in caplog.text
+        assert "num_iterations > 1" not in caplog.text and "num_iterations=1," not in caplog.text
+    trainer.train()
+    penalty = max(logged(trainer, "kl_cov/penalty"))
+    assert (penalty == 0) is on_policy, penalty
