@@ -28,14 +28,17 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from forking_trl.ablation import run_ablation  # noqa: E402
+from forking_trl.ablation import RunsFailed, run_ablation  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     ########################
     # every stage: start model, arms x seeds, measurements, results files
     ########################
-    report = run_ablation(sys.argv[1:] if argv is None else argv)
+    try:
+        report = run_ablation(sys.argv[1:] if argv is None else argv)
+    except RunsFailed as failure:  # the finished runs' results are written; say which failed, exit non-zero
+        sys.exit(f"ablation: {failure}")
     out = report["output_dir"]
     print(open(os.path.join(out, "results.md")).read())
     print(f"written: {out}/results.json, results.md, accuracy.png, entropy_training.png, start_tokens.html")

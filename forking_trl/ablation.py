@@ -44,6 +44,7 @@ ARMS = {
     "entropy_adv": {"entropy_method": "entropy_adv"},
 }
 PAPER_ARMS = ["all", "top", "bottom", "random"]
+REWARD_NAMES = ("accuracy_reward",)  # the reward functions every run trains with (forking_trl.rewards)
 TRACKED = (
     *("reward", "entropy", "entropy/p50", "entropy/p80", "entropy/p95", "entropy/share_below_0.01"),
     *("cov/mean", "cov/kept", "clip_cov/clipped_fraction", "kl_cov/penalized_fraction", "kl_cov/penalty"),
@@ -183,11 +184,29 @@ def make_parser():
 
 
 def arm_flags(overrides: dict) -> list[str]:
-    """`--field value` for each field (booleans as true/false)."""
+    """`--field value` for each field set to a value (booleans as true/false); a `None` (YAML/JSON `null`) has no
+    flag (the parser would read the string 'None'): it is `unset_fields`' and set after parsing (`parse_run`)."""
     out = []
     for name, value in overrides.items():
-        out += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+        if value is not None:
+            out += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
     return out
+
+
+def unset_fields(overrides: dict) -> list[str]:
+    """The fields an arm sets to `None` (`null`)."""
+    return [name for name, value in overrides.items() if value is None]
+
+
+def parse_run(flags: list[str], unset: list[str] = ()):
+    """(AblationArguments, ForkingGRPOConfig) of one run's command line, with the `unset` fields set to None and the
+    config validated again: how every run and `check_arms` read an arm."""
+    ab, args = make_parser().parse_args_and_config(flags)
+    for name in unset:
+        setattr(args, name, None)
+    if unset:
+        args.validate()
+    return ab, args
 
 
 def run_flags(
@@ -401,12 +420,12 @@ def run_arm(spec: dict) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
 
+    from . import rewards
     from .analysis import ScoredCompletion
-    from .rewards import accuracy_reward
     from .trainer import ForkingGRPOTrainer
 
     torch.set_num_threads(spec["threads"])
-    ab, args = make_parser().parse_args_and_config(spec["argv"])
+    ab, args = parse_run(spec["argv"], spec.get("unset", []))
     train, held = task_data(ab)
     history: list[dict] = []
 
@@ -418,7 +437,7 @@ def run_arm(spec: dict) -> dict:
     started = time.time()
     trainer = ForkingGRPOTrainer(
         spec["start_model"],
-        accuracy_reward,
+        [getattr(rewards, name) for name in REWARD_NAMES],
         args=args,
         train_dataset=Dataset.from_list([{"prompt": r["prompt"], "solution": r["solution"]} for r in train]),
         processing_class=AutoTokenizer.from_pretrained(spec["start_model"]),
@@ -438,6 +457,10 @@ def run_arm(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------------------------
 # the whole experiment
+
+
+class RunsFailed(RuntimeError):
+    """Some runs failed; the results of those that finished are written (and name the failed ones)."""
 
 
 def run_ablation(argv: list[str]) -> dict:
@@ -468,6 +491,7 @@ def run_ablation(argv: list[str]) -> dict:
 
     runs = [(arm, seed) for seed in ab.seeds for arm in ab.arms]  # seed-major: early results cover every arm
     results: dict[str, list[dict]] = {arm: [] for arm in ab.arms}
+    failed: list[dict] = []
     pending: list[tuple[str, int, subprocess.Popen, Path]] = []
     bar = tqdm(total=len(runs), desc="runs (arm x seed)")
     queue = list(runs)
@@ -481,14 +505,16 @@ def run_ablation(argv: list[str]) -> dict:
             if process.poll() is None:
                 continue
             pending.remove(item)
-            if process.returncode != 0:
-                for _, _, other, _ in pending:
-                    other.kill()
-                log = (out / "runs" / f"{arm}-seed{seed}" / "log.txt").read_text()[-3000:]
-                raise RuntimeError(f"run {arm} seed {seed} failed (exit {process.returncode}):\n{log}")
+            bar.update(1)
+            if process.returncode != 0 or not result_file.exists():
+                log_file = out / "runs" / f"{arm}-seed{seed}" / "log.txt"
+                tail = log_file.read_text(errors="replace")[-3000:] if log_file.exists() else ""
+                failed.append({"arm": arm, "seed": seed, "exit": process.returncode, "log": str(log_file)})
+                bar.write(f"{arm:>6} seed {seed}: FAILED (exit {process.returncode}); the other runs go on. "
+                          f"End of {log_file}:\n{tail}")
+                continue
             result = json.loads(result_file.read_text())
             results[arm].append(result)
-            bar.update(1)
             acc = result["accuracy"]
             bar.write(
                 f"{arm:>6} seed {seed}: greedy {100 * acc['greedy']:5.1f}%  avg@{acc['k']} "
@@ -506,10 +532,17 @@ def run_ablation(argv: list[str]) -> dict:
             + ("beta", "epsilon", "epsilon_high", "temperature", "max_completion_length", "generation_batch_size")
         },
         "start": start,
-        "arms": {arm: _arm_summary(results[arm]) for arm in ab.arms},
+        "arms": {arm: _arm_summary(results[arm]) for arm in ab.arms if results[arm]},
+        "failed_runs": failed,
         "wall_seconds": round(time.time() - started, 1),
     }
     write_results(report, out)
+    if failed:
+        names = ", ".join(f"{f['arm']} seed {f['seed']} (exit {f['exit']}, log {f['log']})" for f in failed)
+        raise RunsFailed(
+            f"{len(failed)} of {len(runs)} runs failed: {names}. The results of the {len(runs) - len(failed)} that "
+            f"finished are in {out / 'results.md'}."
+        )
     return {**report, "output_dir": str(out)}
 
 
@@ -525,7 +558,8 @@ def check_arms(ab: AblationArguments, argv: list[str], out: Path) -> None:
         stderr = io.StringIO()
         try:
             with contextlib.redirect_stderr(stderr):
-                _, args = make_parser().parse_args_and_config(flags)
+                _, args = parse_run(flags, unset_fields(overrides))
+            _check_arm_fields(args, overrides)
         except (ValueError, SystemExit) as err:
             reason = stderr.getvalue().strip().splitlines()[-1:] or [str(err)]
             raise ValueError(f"arm {arm!r} {overrides} is not a valid configuration: {reason[0]}") from None
@@ -537,6 +571,22 @@ def check_arms(ab: AblationArguments, argv: list[str], out: Path) -> None:
             )
 
 
+def _check_arm_fields(args, overrides: dict) -> None:
+    """What the config validation cannot see: each field the arm sets arrives with its value, and a
+    `dynamic_sampling_reward` names one of the reward functions the runs train with."""
+    for name, value in overrides.items():
+        got = getattr(args, name)
+        same = got == value or (isinstance(value, (int, float)) and not isinstance(value, bool) and got == float(value))
+        if not same:
+            raise ValueError(f"{name}={value!r} arrived as {got!r} through the command line")
+    reward = args.dynamic_sampling_reward
+    if reward is not None and reward not in REWARD_NAMES:
+        raise ValueError(
+            f"dynamic_sampling_reward={reward!r} is not a reward function of the runs: "
+            f"{', '.join(map(repr, REWARD_NAMES))} (or null for the total reward)"
+        )
+
+
 def _launch(arm, seed, ab, argv, out, model_path, start_file):
     run_dir = out / "runs" / f"{arm}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -544,6 +594,7 @@ def _launch(arm, seed, ab, argv, out, model_path, start_file):
         "arm": arm,
         "seed": seed,
         "argv": run_flags(argv, ab.quick, arm, seed, run_dir, ab.arm_fields(arm)),
+        "unset": unset_fields(ab.arm_fields(arm)),
         "output_dir": str(run_dir),
         "start_model": model_path,
         "start_file": str(start_file),
@@ -631,7 +682,7 @@ def _pct(stat: dict) -> str:
 
 def results_markdown(report: dict) -> str:
     start, arms = report["start"], report["arms"]
-    n_seeds = max(a["greedy"]["n"] for a in arms.values())
+    n_seeds = max((a["greedy"]["n"] for a in arms.values()), default=0)
     lines = [
         "# Forking-token ablation",
         "",
@@ -668,6 +719,10 @@ def results_markdown(report: dict) -> str:
         for arm, a in arms.items():
             lines.append(f"| {arm} | " + " | ".join(_pct(a["pass_at_k"][k]) for k in ks) + " |")
     lines += ["", *verdicts(report), ""]
+    if report.get("failed_runs"):
+        lines += ["## Runs that failed (not in the tables above)", ""]
+        lines += [f"- {f['arm']} seed {f['seed']}: exit {f['exit']}, log `{f['log']}`" for f in report["failed_runs"]]
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -366,3 +366,60 @@ def test_the_cpu_recipes_start_from_the_shipped_start_model(recipe, tmp_path, ca
     start_model(ab, tmp_path, train=[])
     assert warmed == [tmp_path / "start-model"] and "rebuilding" in capsys.readouterr().out
     assert json.loads((tmp_path / "start-settings.json").read_text())["origin"] == "built here"
+
+
+def test_every_field_an_arm_sets_is_validated_and_null_is_unset(tmp_path):
+    """Issue 22, finding 6: a dynamic_sampling_reward typo passed the check and failed once that run's trainer was
+    built (after other arms had trained); null reached the config as the string 'None'."""
+    from forking_trl.ablation import parse_run, unset_fields
+
+    recipe = ["--config", str(ROOT / "examples/recipes/ablation_cpu.yaml"), "--output_dir", str(tmp_path)]
+
+    def check(arm_fields, *flags):
+        argv = [*recipe, *flags, "--arms", "x", "--arm_configs", json.dumps({"x": arm_fields})]
+        ab, _ = make_parser().parse_args_and_config(argv)
+        check_arms(ab, argv, tmp_path)
+        overrides = ab.arm_fields("x")
+        return parse_run(run_flags(argv, False, "x", 0, tmp_path / "x", overrides), unset_fields(overrides))[1]
+
+    typo = {"dynamic_sampling": True, "dynamic_sampling_reward": "acuracy_reward"}
+    with pytest.raises(ValueError, match=r"arm 'x' .*dynamic_sampling_reward='acuracy_reward' is not a reward"):
+        check(typo)
+    args = check({"dynamic_sampling": True, "dynamic_sampling_reward": "accuracy_reward"})
+    assert args.dynamic_sampling_reward == "accuracy_reward"
+    # null is unset, also over a recipe (here a flag) that sets it
+    args = check({"dynamic_sampling_reward": None}, "--dynamic_sampling_reward", "accuracy_reward")
+    assert args.dynamic_sampling_reward is None
+    assert "None" not in run_flags(recipe, False, "all", 0, tmp_path, {"dynamic_sampling_reward": None})
+
+
+@pytest.mark.slow
+def test_a_failed_run_leaves_the_others_results_written(tmp_path, monkeypatch, capsys):
+    """Issue 22, finding 6: one run failing killed the others and wrote no results. Now the others finish, results
+    are written from them and name the failed run, and the command fails at the end."""
+    import forking_trl.ablation as ablation
+
+    launch = ablation._launch
+
+    def failing_for_bad(arm, seed, ab, argv, out, model_path, start_file):
+        if arm != "bad":
+            return launch(arm, seed, ab, argv, out, model_path, start_file)
+        run_dir = out / "runs" / f"{arm}-seed{seed}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with (run_dir / "log.txt").open("w") as log:
+            code = "print('CUDA out of memory (pretend)'); raise SystemExit(3)"
+            process = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+        return process, run_dir / "result.json"
+
+    monkeypatch.setattr(ablation, "_launch", failing_for_bad)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["--config", str(ROOT / "examples/recipes/ablation_cpu.yaml"), "--quick", "true"]
+    argv += ["--output_dir", str(tmp_path), "--arms", "bad", "all", "--arm_configs", '{"bad": {}}']
+    with pytest.raises(ablation.RunsFailed, match=r"1 of 2 runs failed: bad seed 0 \(exit 3"):
+        ablation.run_ablation(argv)
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert list(report["arms"]) == ["all"] and report["arms"]["all"]["runs"][0]["seed"] == 0
+    assert [(f["arm"], f["seed"], f["exit"]) for f in report["failed_runs"]] == [("bad", 0, 3)]
+    assert "Runs that failed" in (tmp_path / "results.md").read_text()
+    seen = capsys.readouterr()
+    assert "CUDA out of memory (pretend)" in seen.out + seen.err  # the failed run's log tail is shown
