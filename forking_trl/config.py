@@ -67,8 +67,10 @@ class DynamicSamplingGRPOConfig(GRPOConfig):
         dynamic_sampling (`bool`, *optional*, defaults to `True`):
             Drop the groups whose advantages are all 0 (the rewards TRL's advantage is computed from, see
             `multi_objective_aggregation`, are equal across the group) and fill the generation batch with informative
-            groups from further prompts. Needs a map-style `train_dataset` and `per_device_train_batch_size *
-            steps_per_generation` a multiple of `num_generations` (each process then holds whole groups). `False`
+            groups from further prompts: from a map-style `train_dataset` in an order of their own, from a
+            `datasets.IterableDataset` as a stream (a buffered shuffle of its own, TRL's group layout). Needs
+            `per_device_train_batch_size * steps_per_generation` a multiple of `num_generations` (each process then
+            holds whole groups). `False`
             trains exactly as [`~trl.GRPOTrainer`] (the control arm of a comparison).
         dynamic_sampling_max_rounds (`int`, *optional*, defaults to `10`):
             Generation rounds per generation batch at most (DAPO's `max_num_gen_batches`). When the limit is reached
@@ -153,6 +155,11 @@ class DynamicSamplingGRPOConfig(GRPOConfig):
             f"gradient_accumulation_steps={ga} {verdict} a multiple of steps_per_generation × num_iterations = "
             f"{spg} × {ni} = {self.generation_window}"
         )
+
+    def fields_that_change_training(self) -> dict:
+        """This config's own fields whose values make training differ from what they add nothing to (a trainer that
+        does not implement them must refuse them); none here: dynamic sampling is every mixin's."""
+        return {}
 
     def own_fields(self) -> dict:
         """The fields this config adds to `GRPOConfig` and their values (`ForkingGRPOTrainer` records them in each
@@ -494,6 +501,16 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig):
                 f"replaces PPO's clip), but delta={self.delta} is TRL's two-sided clip: it would clamp r at delta "
                 "all the same. Set delta=None (the default) with kl_cov, or use another entropy_method."
             )
+
+    def fields_that_change_training(self) -> dict:
+        """`forking_mode` unless `"all"`, `entropy_method` unless `"none"`: with both at those values the forking
+        trainer trains as GRPO (its other fields then only qualify them, or log)."""
+        out = {}
+        if self.forking_mode != "all":
+            out["forking_mode"] = self.forking_mode
+        if self.entropy_method != "none":
+            out["entropy_method"] = self.entropy_method
+        return out
 
     def forking_fields(self) -> dict:
         """forking_trl's own fields (`forking_*`, `dynamic_sampling*`, the entropy methods') and their values:

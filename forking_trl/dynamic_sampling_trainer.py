@@ -17,6 +17,7 @@ TRL hooks (`trl>=1.16,<1.17`; pinned in `tests/test_trl_contract.py`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ from torch.utils.data import IterableDataset
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.grpo_trainer import RepeatSampler
+from trl.trainer.utils import repeat_iterable_dataset
 
 from .config import DynamicSamplingGRPOConfig
 from .dynamic_sampling import (
@@ -66,6 +68,7 @@ class DynamicSamplingMixin:
             args = self.config_class(f"{name.split('/')[-1]}-{self.config_class.__name__.removesuffix('Config')}")
         args = self.config_class.from_grpo_config(args)
         args.validate()  # again: fields may have been set after the config was built
+        self._refuse_fields_it_would_ignore(args)
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
         self._dynamic_rewards_per_func: torch.Tensor | None = None  # (N_all, F): the last round's, as TRL gathered
         self._dynamic_iterator = None
@@ -79,10 +82,27 @@ class DynamicSamplingMixin:
                 f"dynamic_sampling_reward={name!r} is not one of this trainer's reward functions: "
                 f"{', '.join(map(repr, self.reward_func_names))} (or None for the total reward)."
             )
-        if args.dynamic_sampling and isinstance(self.train_dataset, (IterableDataset, datasets.IterableDataset)):
+        if (
+            args.dynamic_sampling
+            and isinstance(self.train_dataset, IterableDataset)
+            and not isinstance(self.train_dataset, datasets.IterableDataset)
+        ):  # TRL itself takes a datasets.Dataset or datasets.IterableDataset only; say so for a bare torch stream
             raise ValueError(
-                "dynamic_sampling draws further prompts by index, so it needs a map-style train_dataset "
-                f"(a datasets.Dataset); got {type(self.train_dataset).__name__}. Set dynamic_sampling=False."
+                "dynamic_sampling draws further prompts from a datasets.Dataset (by index) or a "
+                f"datasets.IterableDataset (as a stream); got a {type(self.train_dataset).__name__}."
+            )
+
+    def _refuse_fields_it_would_ignore(self, args) -> None:
+        """A config of a richer class (a `ForkingGRPOConfig` given to `DynamicSamplingGRPOTrainer`) whose fields
+        beyond `config_class` would change training: refused, naming them, instead of training without them."""
+        own = {f.name for f in dataclasses.fields(self.config_class)}
+        ignored = {k: v for k, v in args.fields_that_change_training().items() if k not in own}
+        if ignored:
+            shown = ", ".join(f"{k}={v!r}" for k, v in ignored.items())
+            raise ValueError(
+                f"{type(self).__name__} does not implement {shown} of the {type(args).__name__} it was given and "
+                f"would train without them. Use ForkingGRPOTrainer for them, or set forking_mode='all' and "
+                "entropy_method='none' (or pass a DynamicSamplingGRPOConfig)."
             )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -206,22 +226,37 @@ class DynamicSamplingMixin:
                 except StopIteration:
                     self._dynamic_passes += 1
                     self._dynamic_drawn = self._dynamic_skip = 0
-            seed = self.args.seed + 1 + self._dynamic_passes
-            loader = self._get_dataloader(
-                dataset=self.train_dataset,
-                description="Dynamic sampling",
-                batch_size=self._train_batch_size * self.args.steps_per_generation,
-                sampler_fn=lambda dataset: RepeatSampler(
-                    data_source=dataset,
+            self._dynamic_iterator = iter(self._further_prompt_loader(self.args.seed + 1 + self._dynamic_passes))
+
+    def _further_prompt_loader(self, seed: int):
+        """One pass of further prompts in TRL's group layout: a map-style dataset through `RepeatSampler` (a full
+        permutation of its own), a `datasets.IterableDataset` as TRL streams it (`repeat_iterable_dataset`, after a
+        buffered shuffle of its own when TRL shuffles); each process takes its slice of every batch."""
+        prompts_per_batch = self.args.generation_batch_size // self.num_generations
+        dataset, sampler_fn = self.train_dataset, None
+        if isinstance(dataset, datasets.IterableDataset):
+            if self.shuffle_dataset:
+                dataset = dataset.shuffle(seed=seed)
+            dataset = repeat_iterable_dataset(dataset, self.num_generations, prompts_per_batch, repeat_count=1)
+        else:
+
+            def sampler_fn(data):
+                return RepeatSampler(
+                    data_source=data,
                     mini_repeat_count=self.num_generations,
-                    batch_size=self.args.generation_batch_size // self.num_generations,
+                    batch_size=prompts_per_batch,
                     repeat_count=1,
                     shuffle=True,
                     seed=seed,
-                ),
-                is_training=True,
-            )
-            self._dynamic_iterator = iter(loader)
+                )
+
+        return self._get_dataloader(
+            dataset=dataset,
+            description="Dynamic sampling",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=sampler_fn,
+            is_training=True,
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints: where the further-prompt stream stood travels with them

@@ -219,8 +219,6 @@ def test_resume_from_a_checkpoint_with_it_on(tiny_model, tmp_path, kind):
 
 
 def test_construction_errors_name_the_fields(tiny_model, tmp_path, kind):
-    from datasets import IterableDataset
-
     with pytest.raises(ValueError, match="dynamic_sampling_max_rounds"):
         ds_args(kind, tmp_path, dynamic_sampling_max_rounds=0)
     with pytest.raises(ValueError, match="dynamic_sampling_reward must be a reward function's name or None"):
@@ -232,23 +230,23 @@ def test_construction_errors_name_the_fields(tiny_model, tmp_path, kind):
         args._check_dynamic_sampling()
     with pytest.raises(ValueError, match=r"must be a multiple of num_generations"):  # checked again by the trainer
         make_trainer(kind, tiny_model, half_constant_reward, args)
-    stream = IterableDataset.from_generator(lambda: iter(prompt_dataset()))
-    with pytest.raises(ValueError, match="map-style train_dataset"):
-        make_trainer(kind, tiny_model, half_constant_reward, ds_args(kind, tmp_path), dataset=stream)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "kind, scope", [("plain", "micro_batch"), ("forking", "micro_batch"), ("forking", "batch")], indirect=["kind"]
+    "kind, scope",
+    [("plain", "micro_batch"), ("forking", "micro_batch"), ("forking", "batch"), ("plain", "iterable")],
+    indirect=["kind"],
 )
 def test_two_processes_train_only_on_informative_groups(tiny_model, tmp_path, kind, scope):
     from pathlib import Path
 
+    flags = ["--iterable"] if scope == "iterable" else ["--scope", scope]
     records = launch(
         tmp_path,
         ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
         + ["--dynamo_backend", "no"],
-        ["--model", tiny_model, "--output_dir", str(tmp_path), "--scope", scope, "--trainer", kind],
+        ["--model", tiny_model, "--output_dir", str(tmp_path), "--trainer", kind, *flags],
         {"ACCELERATE_USE_CPU": "true"},
         script=Path(__file__).resolve().parent / "scripts" / "train_dynamic.py",
     )
@@ -256,6 +254,7 @@ def test_two_processes_train_only_on_informative_groups(tiny_model, tmp_path, ki
     assert all(r["trainer"] == TRAINERS[kind][0].__name__ for r in records)
     for record in records:
         only_informative(record["seen"])
+    assert records[0]["seen"] != records[1]["seen"]  # each process trained on its own slice of the groups
     assert records[0]["rounds"] == records[1]["rounds"]  # the same rounds on both: every collective was joined
     assert records[0]["kept_groups"] == records[1]["kept_groups"]
 
@@ -353,3 +352,54 @@ def test_plain_trainer_trains_exactly_as_grpo_trainer_when_nothing_is_dropped(ti
     expected, got = snapshot(reference.model), snapshot(plain.model)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_plain_trainer_refuses_the_forking_fields_it_would_ignore(tiny_model, tmp_path):
+    """Issue 22, finding 7: DynamicSamplingGRPOTrainer took a ForkingGRPOConfig and trained forking_mode='top',
+    entropy_method='kl_cov' as plain GRPO, silently. It refuses them now, naming them; the neutral values pass."""
+    args = trainer_args(tmp_path, dynamic_sampling=True, entropy_method="kl_cov")  # a ForkingGRPOConfig (top 20%)
+    with pytest.raises(ValueError, match=r"does not implement forking_mode='top', entropy_method='kl_cov'"):
+        make_trainer("plain", tiny_model, half_constant_reward, args)
+    neutral = trainer_args(tmp_path, dynamic_sampling=True, forking_mode="all")
+    trainer = make_trainer("plain", tiny_model, half_constant_reward, neutral)
+    assert trainer.args is neutral and trainer.args.dynamic_sampling
+    make_trainer("forking", tiny_model, half_constant_reward, args)  # its own trainer takes it
+
+
+def prompt_stream(n: int = 16):
+    from datasets import IterableDataset
+
+    rows = list(prompt_dataset(n))
+    return IterableDataset.from_generator(lambda: iter(rows))
+
+
+@pytest.mark.slow
+def test_an_iterable_dataset_streams_the_further_prompts(tiny_model, tmp_path, kind):
+    """Issue 22, finding 9: dynamic sampling refused an IterableDataset that GRPOTrainer trains on. The further
+    prompts now come from the stream (buffered shuffle of its own, TRL's group layout), and only informative groups
+    reach the loss, over more than one pass of the stream."""
+    args = ds_args(kind, tmp_path, max_steps=4)
+    trainer = make_trainer(kind, tiny_model, half_constant_reward, args, dataset=prompt_stream(8))
+    spy, draws = AdvantageSpy(trainer), DrawSpy(trainer)
+    trainer.train()
+    only_informative(spy.seen)
+    assert draws.draws and all(len(texts) == 8 for _, texts in draws.draws)
+    for _, texts in draws.draws:  # whole groups: each prompt G = 4 times in a row
+        assert all(texts[i] == texts[i - i % 4] for i in range(len(texts)))
+    assert trainer._dynamic_passes >= 1  # 8 prompts, 2 per batch: the stream was read past its end and again
+
+
+@pytest.mark.slow
+def test_resume_continues_an_iterable_further_prompt_stream(tiny_model, tmp_path, kind):
+    """On resume the stream is read again from its start and the batches drawn before the checkpoint are skipped:
+    exact for a reproducible stream (the same source in the same order; the shuffle is seeded)."""
+    kwargs = dict(max_steps=3, save_strategy="steps", save_steps=1)
+    whole = make_trainer(kind, tiny_model, half_constant_reward, ds_args(kind, tmp_path, **kwargs), prompt_stream())
+    spy = DrawSpy(whole)
+    whole.train()
+    after = [texts for step, texts in spy.draws if step >= 2]
+    assert after and any(step < 2 for step, _ in spy.draws)
+    resumed = make_trainer(kind, tiny_model, half_constant_reward, ds_args(kind, tmp_path, **kwargs), prompt_stream())
+    spy = DrawSpy(resumed)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert [texts for _, texts in spy.draws] == after

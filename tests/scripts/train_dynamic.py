@@ -21,6 +21,7 @@ def main():
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--scope", default="micro_batch")
     parser.add_argument("--trainer", choices=["forking", "plain"], default="forking")
+    parser.add_argument("--iterable", action="store_true", help="train on a datasets.IterableDataset (a stream)")
     cli = parser.parse_args()
     forking = cli.trainer == "forking"
     args = trainer_args(  # the suite's tiny settings, with 2 groups of 4 per process
@@ -33,7 +34,13 @@ def main():
         **(dict(forking_scope=cli.scope) if forking else {}),
     )
     trainer_class = ForkingGRPOTrainer if forking else DynamicSamplingGRPOTrainer
-    trainer = trainer_class(cli.model, half_constant_reward, args=args, train_dataset=prompt_dataset())
+    dataset = prompt_dataset()
+    if cli.iterable:
+        from datasets import IterableDataset
+
+        rows = list(dataset)
+        dataset = IterableDataset.from_generator(lambda: iter(rows))
+    trainer = trainer_class(cli.model, half_constant_reward, args=args, train_dataset=dataset)
     spy = AdvantageSpy(trainer)
     trainer.train()
     history = trainer.state.log_history
