@@ -125,22 +125,27 @@ def build_tiny_model(
 # with 1; idle, 2 threads are faster). So: as many threads as there are idle cores when the work starts.
 
 
-def idle_cores(window_s: float = 0.2) -> float | None:
-    """Idle CPU cores of this machine over `window_s` seconds (from /proc/stat), or None where it cannot be read."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            return cpu_ticks(f.readline())
-
+def idle_cores(window_s: float = 0.2, cpus: set[int] | None = None) -> float | None:
+    """Idle CPU cores over `window_s` seconds (from /proc/stat): summed over `cpus` (default: the CPUs this process
+    may run on, its affinity), each CPU's idle share of its own ticks; None where it cannot be read."""
+    cpus = allowed_cpus() if cpus is None else cpus
     try:
-        total0, idle0 = sample()
+        before = per_cpu_ticks(read_proc_stat())
         time.sleep(window_s)
-        total1, idle1 = sample()
+        after = per_cpu_ticks(read_proc_stat())
     except (OSError, ValueError):
         return None
-    if total1 <= total0:
-        return None
-    return (os.cpu_count() or 1) * (idle1 - idle0) / (total1 - total0)
+    idle, seen = 0.0, 0
+    for cpu in cpus:
+        if cpu in before and cpu in after and after[cpu][0] > before[cpu][0]:
+            idle += (after[cpu][1] - before[cpu][1]) / (after[cpu][0] - before[cpu][0])
+            seen += 1
+    return idle if seen else None
+
+
+def read_proc_stat() -> str:
+    with open("/proc/stat") as f:
+        return f.read()
 
 
 def cpu_ticks(line: str) -> tuple[int, int]:
@@ -149,31 +154,104 @@ def cpu_ticks(line: str) -> tuple[int, int]:
     name, *values = line.split()
     if name != "cpu" or len(values) < 4:
         raise ValueError(f"not the aggregate cpu line of /proc/stat: {line!r}")
+    return _ticks(values)
+
+
+def per_cpu_ticks(text: str) -> dict[int, tuple[int, int]]:
+    """{cpu number: (all, idle) ticks} from /proc/stat's "cpuN ..." lines (counted as `cpu_ticks` counts)."""
+    out = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if name.startswith("cpu") and name[3:].isdigit():
+            out[int(name[3:])] = _ticks(rest.split())
+    if not out:
+        raise ValueError("no per-cpu line in /proc/stat")
+    return out
+
+
+def _ticks(values: list[str]) -> tuple[int, int]:
     ticks = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
     return sum(ticks), ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity), at least 1."""
+def allowed_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity); every CPU where that cannot be read."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        return set(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
+
+
+def cgroup_cpu_limit(root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | Path = "/proc/self/cgroup") -> float | None:
+    """The CPU cores this process's cgroup quota allows (quota / period, the smallest over its cgroup and the ones
+    above it; cgroup v2's cpu.max or v1's cpu.cfs_quota_us), or None when there is none or it cannot be read."""
+    root = Path(root)
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        rel = path.strip("/")
+        if hierarchy == "0" and controllers == "":  # v2: <root>/<path>/cpu.max, "max 100000" or "200000 100000"
+            for directory in _ancestors(root, rel):
+                limits.append(_quota(directory / "cpu.max", None))
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's mount, cfs quota and period
+            for mount in (root / controllers, root / "cpu", root / "cpu,cpuacct"):
+                if mount.is_dir():
+                    for directory in _ancestors(mount, rel):
+                        limits.append(_quota(directory / "cpu.cfs_quota_us", directory / "cpu.cfs_period_us"))
+                    break
+    limits = [x for x in limits if x is not None]
+    return min(limits) if limits else None
+
+
+def _ancestors(mount: Path, rel: str) -> list[Path]:
+    parts = [p for p in rel.split("/") if p]
+    return [mount.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def _quota(quota_file: Path, period_file: Path | None) -> float | None:
+    try:
+        if period_file is None:
+            quota, period = quota_file.read_text().split()[:2]
+        else:
+            quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
+        if quota in ("max", "-1"):
+            return None
+        return int(quota) / int(period) if int(quota) > 0 and int(period) > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores() -> int:
+    """The cores this process may use, at least 1: its affinity, capped by its cgroup's CPU quota (whole cores)."""
+    cores = len(allowed_cpus()) or 1
+    quota = cgroup_cpu_limit()
+    return max(1, min(cores, int(quota)) if quota is not None else cores)
+
+
+def omp_threads(value: str | None) -> int | None:
+    """The thread count `OMP_NUM_THREADS` sets for the outer level: "4" or "4,2" (OpenMP's list for nested levels)
+    gives 4; None when unset or not a positive count."""
+    first = (value or "").split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else None
 
 
 def pick_threads(window_s: float = 0.2) -> tuple[int, str]:
-    """Torch threads for tiny-model work, and why: `OMP_NUM_THREADS` when set; else the idle cores now (a core
-    counts when at least 80% idle), at least 1 and at most the usable cores; else (no /proc/stat) the usable
-    cores."""
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env), "OMP_NUM_THREADS"
+    """Torch threads for tiny-model work, and why: `OMP_NUM_THREADS` when set (its first level); else the idle cores
+    now among those this process may run on (a core counts when at least 80% idle), at least 1 and at most the
+    usable cores (affinity and cgroup quota); else (no /proc/stat) the usable cores."""
+    env = omp_threads(os.environ.get("OMP_NUM_THREADS"))
+    if env is not None:
+        return env, "OMP_NUM_THREADS"
     usable = usable_cores()
     idle = idle_cores(window_s)
     if idle is None:
         return usable, f"{usable} usable cores"
     threads = min(usable, max(1, int(idle + 0.2)))
-    return threads, f"{idle:.1f} of {os.cpu_count()} cores idle"
+    return threads, f"{idle:.1f} of {len(allowed_cpus())} allowed cores idle, {usable} usable"
 
 
 @contextlib.contextmanager
