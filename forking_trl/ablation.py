@@ -46,7 +46,7 @@ ARMS = {
 PAPER_ARMS = ["all", "top", "bottom", "random"]
 REWARD_NAMES = ("accuracy_reward",)  # the reward functions every run trains with (forking_trl.rewards)
 TRACKED = (
-    *("reward", "entropy", "entropy/p50", "entropy/p80", "entropy/p95", "entropy/share_below_0.01"),
+    *("reward", "entropy", "entropy/p50", "entropy/p80", "entropy/p95", "entropy/share_below_0.01", "forking/ratio"),
     *("cov/mean", "cov/kept", "clip_cov/clipped_fraction", "kl_cov/penalized_fraction", "kl_cov/penalty"),
     *("entropy_adv/shaping", "entropy_adv/capped_fraction"),
 )

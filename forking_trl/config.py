@@ -10,7 +10,7 @@ from typing import ClassVar
 from trl import GRPOConfig
 
 from .credit import METHOD_NAMES
-from .selection import MODES, SELECTIONS, check_choice, check_selection_args
+from .selection import MODES, RATIO_SCHEDULES, SELECTIONS, check_choice, check_selection_args
 
 SCOPES = ("micro_batch", "rank", "sequence", "batch")
 NORMALIZERS = ("all", "kept")
@@ -215,7 +215,18 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig):
             is `"bottom"` with `0.8`). `"random"`: a uniformly random share of the size `"top"` keeps (the control
             that separates entropy from sparsity). `"all"`: every token (ratio ignored), with the same metrics.
         forking_ratio (`float`, *optional*, defaults to `0.2`):
-            ρ, the share of valid completion tokens that receive policy gradient, in `(0, 1]`. The paper uses `0.2`.
+            ρ, the share of valid completion tokens that receive policy gradient, in `(0, 1]`. The paper uses `0.2`
+            throughout; with a `forking_ratio_schedule`, ρ at the first optimizer step.
+        forking_ratio_schedule (`str`, *optional*, defaults to `"constant"`):
+            ρ over training (an extension: the paper and the frameworks keep it constant). `"constant"`:
+            `forking_ratio` throughout. `"linear"` and `"cosine"`: from `forking_ratio` at the first optimizer step
+            to `forking_ratio_end` at the last (`max_steps`), with p = step / (max_steps − 1): linear ρ = ρ₀ +
+            (ρ₁ − ρ₀)·p, cosine ρ = ρ₁ + (ρ₀ − ρ₁)·(1 + cos πp)/2. E.g. `1.0` → `0.2`: every token while the model
+            learns the format, the forks after. Follows the optimizer step, so a resumed run continues it exactly;
+            logged as `forking/ratio`. Needs a `forking_mode` other than `"all"`.
+        forking_ratio_end (`float` or `None`, *optional*, defaults to `None`):
+            ρ at the last optimizer step of a `"linear"` or `"cosine"` schedule, in `(0, 1]`; required by them,
+            and unset (`None`) with `"constant"`.
         forking_scope (`str`, *optional*, defaults to `"micro_batch"`):
             The set of tokens the threshold is computed over. `"micro_batch"`: the current micro-batch on all
             processes (as TRL's `top_entropy_quantile`). `"rank"`: this process's micro-batch only (as the authors'
@@ -307,6 +318,18 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig):
     forking_ratio: float = field(
         default=0.2,
         metadata={"help": "ρ: share of valid completion tokens that receive policy gradient, in (0, 1]. Paper: 0.2."},
+    )
+    forking_ratio_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "ρ over training: 'constant' (forking_ratio throughout, the paper), 'linear' or 'cosine' (from "
+            "forking_ratio at the first optimizer step to forking_ratio_end at the last); logged as forking/ratio.",
+            "choices": list(RATIO_SCHEDULES),
+        },
+    )
+    forking_ratio_end: float | None = field(
+        default=None,
+        metadata={"help": "ρ at the last optimizer step of a 'linear' or 'cosine' schedule, in (0, 1]."},
     )
     forking_scope: str = field(
         default="micro_batch",
@@ -407,6 +430,7 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig):
     def _check_forking_fields(self) -> None:
         """Validate the forking fields and their combination with TRL's; `ValueError` naming the field."""
         check_selection_args(self.forking_mode, self.forking_ratio, self.forking_selection, prefix="forking_")
+        self._check_ratio_schedule()
         check_choice("forking_scope", self.forking_scope, SCOPES)
         check_choice("forking_normalizer", self.forking_normalizer, NORMALIZERS)
         self.forking_ratio = float(self.forking_ratio)
@@ -449,6 +473,28 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig):
                 f"loss_type={self.loss_type!r} divides by a constant. Use forking_normalizer='all', or a loss_type "
                 f"among {_choices(SEQUENCE_MEAN_LOSSES + TOKEN_MEAN_LOSSES)}."
             )
+
+    def _check_ratio_schedule(self) -> None:
+        check_choice("forking_ratio_schedule", self.forking_ratio_schedule, RATIO_SCHEDULES)
+        end, schedule = self.forking_ratio_end, self.forking_ratio_schedule
+        if schedule == "constant":
+            if end is not None:
+                raise ValueError(
+                    f"forking_ratio_end={end!r} is set, but forking_ratio_schedule='constant' keeps forking_ratio "
+                    "throughout: set forking_ratio_schedule to 'linear' or 'cosine', or leave forking_ratio_end unset."
+                )
+            return
+        if isinstance(end, bool) or not isinstance(end, (int, float)) or not (0.0 < end <= 1.0):
+            raise ValueError(
+                f"forking_ratio_schedule={schedule!r} goes from forking_ratio to forking_ratio_end, which must be a "
+                f"float in (0, 1]; got {end!r}."
+            )
+        if self.forking_mode == "all":
+            raise ValueError(
+                f"forking_ratio_schedule={schedule!r} with forking_mode='all': every token is trained and the ratio "
+                "is not used. Use forking_mode 'top', 'bottom' or 'random' with the schedule."
+            )
+        self.forking_ratio_end = float(end)
 
     def _check_entropy_method(self) -> None:
         """Validate the entropy method's fields and its combination with TRL's; `ValueError` naming the field."""

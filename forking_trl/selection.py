@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 MODES = ("top", "bottom", "all", "random")
 SELECTIONS = ("threshold", "exact")
+RATIO_SCHEDULES = ("constant", "linear", "cosine")  # ρ over training, from forking_ratio to forking_ratio_end
 
 _BINS = 256
 # Slack for ceil(rho * n): 0.2 * 15 is 3.0000000000000004 in floating point and must give 3, not 4.
@@ -66,6 +67,21 @@ def check_selection_args(mode: str, ratio: float, selection: str, *, prefix: str
     check_choice(f"{prefix}selection", selection, SELECTIONS)
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 < ratio <= 1.0):
         raise ValueError(f"{prefix}ratio must be a float in (0, 1]; got {ratio!r}.")
+
+
+def scheduled_ratio(schedule: str, start: float, end: float | None, step: int, total_steps: int) -> float:
+    """ρ at optimizer step `step` (0-based) of a run of `total_steps`: `start` at the first step, `end` at the last.
+
+    `"constant"`: `start` throughout. `"linear"`: start + (end − start)·p. `"cosine"`: end + (start − end)·(1 +
+    cos(π·p))/2, flat at both ends. p = step / (total_steps − 1), clamped to [0, 1] (a single-step run: p = 0).
+    """
+    check_choice("forking_ratio_schedule", schedule, RATIO_SCHEDULES)
+    if schedule == "constant":
+        return start
+    p = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
+    if schedule == "linear":
+        return start + (end - start) * p
+    return end + (start - end) * (1.0 + math.cos(math.pi * p)) / 2.0
 
 
 def keep_count(n: int, ratio: float) -> int:

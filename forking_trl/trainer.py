@@ -49,7 +49,7 @@ from .config import ON_POLICY_RULE, SEQUENCE_MEAN_LOSSES, ForkingGRPOConfig
 from .credit import METHODS, CreditInputs, MethodTerms, token_covariance
 from .dynamic_sampling_trainer import DynamicSamplingMixin, loss_mask
 from .entropy import LOW_ENTROPY
-from .selection import ForkingSelection, forking_select, percentiles
+from .selection import ForkingSelection, forking_select, percentiles, scheduled_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class ForkingGRPOTrainer(DynamicSamplingMixin, GRPOTrainer):
     promoted with the forking defaults (`forking_mode="top"`, `forking_ratio=0.2`); a plain config's
     `top_entropy_quantile < 1` becomes `forking_ratio`.
 
-    Metrics (averaged by TRL's `log`): `forking/threshold`, `forking/kept_fraction`, `forking/entropy_kept`,
+    Metrics (averaged by TRL's `log`): `forking/ratio` (ρ of the step, by `forking_ratio_schedule`; not with
+    `forking_mode="all"`), `forking/threshold`, `forking/kept_fraction`, `forking/entropy_kept`,
     `forking/entropy_dropped`, and `forking/nonfinite_tokens` when a valid token's entropy was NaN or inf; the
     entropy pattern of all valid completion tokens of all processes, `entropy/p50`, `entropy/p80`, `entropy/p95`
     (exact nearest-rank percentiles by radix select, about 8 KiB communicated each) and `entropy/share_below_0.01`,
@@ -370,11 +371,19 @@ class ForkingGRPOTrainer(DynamicSamplingMixin, GRPOTrainer):
             entropies,
             mask,
             mode=self.args.forking_mode,
-            ratio=self.args.forking_ratio,
+            ratio=self.forking_ratio_now(),
             selection=self.args.forking_selection,
             per_sequence=per_sequence,
             group=dist.group.WORLD if distributed else None,
             generator=self._forking_generator,
+        )
+
+    def forking_ratio_now(self) -> float:
+        """ρ for the optimizer step in progress, by `forking_ratio_schedule` (a function of the step, so a resumed
+        run continues it exactly)."""
+        a = self.args
+        return scheduled_ratio(
+            a.forking_ratio_schedule, a.forking_ratio, a.forking_ratio_end, self.state.global_step, self.state.max_steps
         )
 
     def _policy_weights(self, keep: torch.Tensor, mask: torch.Tensor, scope_scale: torch.Tensor) -> torch.Tensor:
@@ -417,6 +426,8 @@ class ForkingGRPOTrainer(DynamicSamplingMixin, GRPOTrainer):
             metrics[f"entropy/p{q}"].append(value)
         metrics[f"entropy/share_below_{LOW_ENTROPY}"].append(low / valid_n if valid_n else float("nan"))
         metrics["forking/kept_fraction"].append(kept / valid_n if valid_n else float("nan"))
+        if self.args.forking_mode != "all":
+            metrics["forking/ratio"].append(self.forking_ratio_now())
         metrics["forking/entropy_kept"].append(h_kept / kept if kept else float("nan"))
         metrics["forking/entropy_dropped"].append(h_dropped / (valid_n - kept) if valid_n > kept else float("nan"))
         if self.args.forking_mode != "random" and tau_n:

@@ -193,8 +193,14 @@ def test_arms_are_named_configurations_validated_before_training(tmp_path):
 def test_collapse_recipe_quick_runs_every_entropy_method_pass_at_k_and_a_recipe_arm(tmp_path):
     """`--quick` over the collapse recipe: its six arms (all, top, random and the three methods) plus an arm defined
     on the command line, pass@k for the start model and every run, and the methods' metrics in the histories."""
-    custom = '{"top_adv": {"forking_mode": "top", "forking_ratio": 0.2, "entropy_method": "entropy_adv"}}'
-    arms = ["all", "top", "random", "clip_cov", "kl_cov", "entropy_adv", "top_adv"]
+    custom = json.dumps(
+        {
+            "top_adv": {"forking_mode": "top", "forking_ratio": 0.2, "entropy_method": "entropy_adv"},
+            "anneal": {"forking_mode": "top", "forking_ratio": 1.0, "forking_ratio_schedule": "linear"}
+            | {"forking_ratio_end": 0.2},
+        }
+    )
+    arms = ["all", "top", "random", "clip_cov", "kl_cov", "entropy_adv", "top_adv", "anneal"]
     report, stdout = run_quick(
         "collapse_cpu.yaml",
         tmp_path,
@@ -219,6 +225,8 @@ def test_collapse_recipe_quick_runs_every_entropy_method_pass_at_k_and_a_recipe_
     assert max(seen("kl_cov", "kl_cov/penalized_fraction")) > 0  # steps_per_generation 2: off-policy, no note
     assert "KL-Cov on a fully on-policy recipe" not in stdout
     assert max(seen("entropy_adv", "entropy_adv/shaping")) > 0 and max(seen("top_adv", "entropy_adv/shaping")) > 0
+    ratios = seen("anneal", "forking/ratio")  # the schedule as an arm: 1.0, 0.6, 0.2 over the 3 steps
+    assert ratios[0] == 1.0 and ratios[-1] == pytest.approx(0.2) and ratios == sorted(ratios, reverse=True)
     table = (tmp_path / "results.md").read_text()
     assert "| kl_cov |" in table and "pass@4 %" in table and "kl_cov vs all" in stdout
     assert (tmp_path / "pass_at_k.png").stat().st_size > 10_000

@@ -68,6 +68,30 @@ def test_promotion_keeps_derived_fields_and_translates_quantile():
         ForkingGRPOConfig.from_grpo_config(GRPOConfig(**COMMON), forking_typo=1)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(forking_ratio_schedule="step"), "forking_ratio_schedule must be one of 'constant', 'linear', 'cosine'"),
+        (dict(forking_ratio_schedule="linear"), r"forking_ratio_end, which must be a float in \(0, 1\]; got None"),
+        (dict(forking_ratio_schedule="cosine", forking_ratio_end=0.0), r"float in \(0, 1\]; got 0.0"),
+        (dict(forking_ratio_end=0.2), "forking_ratio_end=0.2 is set, but forking_ratio_schedule='constant'"),
+        (dict(forking_ratio_schedule="linear", forking_ratio_end=0.2, forking_mode="all"), "forking_mode='all'"),
+    ],
+)
+def test_ratio_schedule_fields_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ForkingGRPOConfig(**COMMON, **kwargs)
+
+
+def test_ratio_schedule_from_the_command_line():
+    (args,) = TrlParser((ForkingGRPOConfig,)).parse_args_and_config(
+        ["--output_dir", "x", "--use_cpu", "true", "--forking_ratio", "1.0", "--forking_ratio_schedule", "cosine"]
+        + ["--forking_ratio_end", "0.2"]
+    )
+    assert (args.forking_ratio, args.forking_ratio_schedule, args.forking_ratio_end) == (1.0, "cosine", 0.2)
+    assert {"forking_ratio_schedule", "forking_ratio_end"} <= set(args.forking_fields())  # in checkpoints
+
+
 def test_kl_cov_refuses_trls_two_sided_clip():
     """Issue 22, finding 4: KL-Cov trains the unclipped -r·A as its reference; delta clamped r all the same (trainer
     loss -0.3115 against the reference's -0.5702), so the combination is refused, naming both fields."""

@@ -257,3 +257,18 @@ def test_percentiles_on_many_random_values_match_a_sort():
     kept = values[mask].tolist()
     qs = (50, 80, 95)
     assert percentiles(values, mask, qs) == [torch.tensor(nearest_rank(kept, q)).item() for q in qs]
+
+
+def test_ratio_schedules_at_given_steps():
+    """Issue 22: ρ from forking_ratio at the first optimizer step to forking_ratio_end at the last."""
+    from forking_trl.selection import scheduled_ratio
+
+    assert [scheduled_ratio("linear", 1.0, 0.2, s, 5) for s in range(5)] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    cosine = [scheduled_ratio("cosine", 1.0, 0.2, s, 5) for s in range(5)]
+    assert cosine == pytest.approx([1.0, 0.2 + 0.4 * (1 + math.sqrt(0.5)), 0.6, 0.2 + 0.4 * (1 - math.sqrt(0.5)), 0.2])
+    assert scheduled_ratio("constant", 0.3, None, 7, 10) == 0.3
+    assert scheduled_ratio("linear", 0.2, 0.8, 0, 1) == 0.2  # one step: the first is the last; starts at start
+    assert scheduled_ratio("linear", 1.0, 0.2, 99, 5) == pytest.approx(0.2)  # past the end: held at the end
+    assert scheduled_ratio("cosine", 0.2, 1.0, 2, 5) == pytest.approx(0.6)  # upward too
+    with pytest.raises(ValueError, match="forking_ratio_schedule must be one of 'constant', 'linear', 'cosine'"):
+        scheduled_ratio("step", 1.0, 0.2, 0, 5)

@@ -564,3 +564,29 @@ def test_kl_cov_warns_exactly_when_the_run_is_on_policy_and_its_penalty_says_so(
     trainer.train()
     penalty = max(logged(trainer, "kl_cov/penalty"))
     assert (penalty == 0) is on_policy, penalty
+
+
+def test_ratio_schedule_trains_logs_and_resumes_exactly(tiny_model, tmp_path):
+    """Issue 22: a linear ρ from 1.0 to 0.25 over 4 steps keeps 1.0, 0.75, 0.5, 0.25 of the tokens (threshold ties may
+    add a few), logged as forking/ratio; resumed from checkpoint-2 it goes on with 0.5, 0.25."""
+    kwargs = dict(
+        forking_mode="top",
+        forking_ratio=1.0,
+        forking_ratio_schedule="linear",
+        forking_ratio_end=0.25,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    whole = ForkingGRPOTrainer(
+        tiny_model, length_reward, args=trainer_args(tmp_path, **kwargs), train_dataset=prompt_dataset()
+    )
+    whole.train()
+    assert logged(whole, "forking/ratio") == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    kept = logged(whole, "forking/kept_fraction")
+    assert all(k >= r - 1e-6 for k, r in zip(kept, [1.0, 0.75, 0.5, 0.25])) and kept[-1] < 0.5
+    resumed = ForkingGRPOTrainer(
+        tiny_model, length_reward, args=trainer_args(tmp_path, **kwargs), train_dataset=prompt_dataset()
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert logged(resumed, "forking/ratio")[-2:] == pytest.approx([0.5, 0.25])
