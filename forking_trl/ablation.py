@@ -510,8 +510,10 @@ def run_ablation(argv: list[str]) -> dict:
                 log_file = out / "runs" / f"{arm}-seed{seed}" / "log.txt"
                 tail = log_file.read_text(errors="replace")[-3000:] if log_file.exists() else ""
                 failed.append({"arm": arm, "seed": seed, "exit": process.returncode, "log": str(log_file)})
-                bar.write(f"{arm:>6} seed {seed}: FAILED (exit {process.returncode}); the other runs go on. "
-                          f"End of {log_file}:\n{tail}")
+                bar.write(
+                    f"{arm:>6} seed {seed}: FAILED (exit {process.returncode}); the other runs go on. "
+                    f"End of {log_file}:\n{tail}"
+                )
                 continue
             result = json.loads(result_file.read_text())
             results[arm].append(result)
@@ -576,7 +578,9 @@ def _check_arm_fields(args, overrides: dict) -> None:
     `dynamic_sampling_reward` names one of the reward functions the runs train with."""
     for name, value in overrides.items():
         got = getattr(args, name)
-        same = got == value or (isinstance(value, (int, float)) and not isinstance(value, bool) and got == float(value))
+        same = got == value or (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and got == float(value)
+        )
         if not same:
             raise ValueError(f"{name}={value!r} arrived as {got!r} through the command line")
     reward = args.dynamic_sampling_reward

@@ -36,7 +36,7 @@ _COV = "The Entropy Mechanism of RL for Reasoning LMs, arXiv 2505.22617"
 _EXPLORE = "Reasoning with Exploration: An Entropy Perspective, arXiv 2506.14758"
 
 
-# when log π_old = log π on every micro-batch: the condition of `fully_on_policy`, TRL's own (pinned in the contract test)
+# when log π_old = log π on every micro-batch: `fully_on_policy`'s condition, TRL's own (pinned in the contract test)
 ON_POLICY_RULE = (
     "A run is fully on-policy (every micro-batch is trained with the parameters that generated it, so log π_old = "
     "log π) exactly when gradient_accumulation_steps is a multiple of steps_per_generation × num_iterations: each "

@@ -182,7 +182,9 @@ def allowed_cpus() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
-def cgroup_cpu_limit(root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | Path = "/proc/self/cgroup") -> float | None:
+def cgroup_cpu_limit(
+    root: str | Path = "/sys/fs/cgroup", proc_cgroup: str | Path = "/proc/self/cgroup"
+) -> float | None:
     """The CPU cores this process's cgroup quota allows (quota / period, the smallest over its cgroup and the ones
     above it; cgroup v2's cpu.max or v1's cpu.cfs_quota_us), or None when there is none or it cannot be read."""
     root = Path(root)

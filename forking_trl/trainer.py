@@ -383,7 +383,11 @@ class ForkingGRPOTrainer(DynamicSamplingMixin, GRPOTrainer):
         run continues it exactly)."""
         a = self.args
         return scheduled_ratio(
-            a.forking_ratio_schedule, a.forking_ratio, a.forking_ratio_end, self.state.global_step, self.state.max_steps
+            a.forking_ratio_schedule,
+            a.forking_ratio,
+            a.forking_ratio_end,
+            self.state.global_step,
+            self.state.max_steps,
         )
 
     def _policy_weights(self, keep: torch.Tensor, mask: torch.Tensor, scope_scale: torch.Tensor) -> torch.Tensor:

@@ -94,8 +94,14 @@ def test_per_cpu_ticks_reads_every_cpu_line():
         ({"cgroup": "0::/job\n", "job/cpu.max": "150000 100000\n", "cpu.max": "max 100000\n"}, 1.5),
         ({"cgroup": "0::/a/b\n", "a/b/cpu.max": "max 100000\n", "a/cpu.max": "400000 100000\n"}, 4.0),  # a parent's
         ({"cgroup": "0::/\n", "cpu.max": "max 100000\n"}, None),
-        ({"cgroup": "4:cpu,cpuacct:/docker/x\n", "cpu,cpuacct/docker/x/cpu.cfs_quota_us": "200000\n",
-          "cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000\n"}, 2.0),  # fmt: skip
+        (
+            {
+                "cgroup": "4:cpu,cpuacct:/docker/x\n",
+                "cpu,cpuacct/docker/x/cpu.cfs_quota_us": "200000\n",
+                "cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000\n",
+            },
+            2.0,
+        ),  # fmt: skip
         ({"cgroup": "1:cpu:/\n", "cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
         ({"cgroup": "0::/gone\n"}, None),  # nothing readable: no limit known
     ],

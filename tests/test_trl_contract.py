@@ -157,6 +157,25 @@ def test_entropy_methods_read_what_compute_loss_reads():
             assert "self.epsilon_low" not in source(member) and "self.epsilon_high" not in source(member), name
 
 
+def test_two_sided_clip_clamps_the_ratio_as_clip_cov_assumes():
+    # Clip-Cov leaves out tokens with r > delta (their gradient is 0) because TRL's clipped surrogate is
+    # -min(min(r, delta) A, clip(r) A); KL-Cov refuses delta because TRL applies it whatever epsilon is
+    body = source(GRPOTrainer._compute_loss)
+    at = body.index("if self.args.delta is not None:")
+    assert body.index("coef_2 = torch.clamp(coef_1, 1 - self.epsilon_low, 1 + self.epsilon_high)") < at
+    assert body.index("coef_1 = torch.clamp(coef_1, max=self.args.delta)", at) < body.index("per_token_loss1 = ")
+    assert "per_token_loss = -torch.min(per_token_loss1, per_token_loss2)" in body
+
+
+def test_iterable_datasets_are_streamed_in_the_group_layout_dynamic_sampling_reuses():
+    # the further-prompt stream of a datasets.IterableDataset is built as TRL builds its training stream
+    params = inspect.signature(trl_utils.repeat_iterable_dataset).parameters
+    assert list(params) == ["dataset", "mini_repeat_count", "batch_size", "repeat_count"]
+    loader = source(GRPOTrainer.get_train_dataloader)
+    assert "dataset = dataset.shuffle(seed=self.args.seed)" in loader and "self.shuffle_dataset" in loader
+    assert "dataset = repeat_iterable_dataset(" in loader
+
+
 def test_kl_cov_term_is_normalised_exactly_as_trl_normalises_the_loss(tiny_model, tmp_path):
     """For each loss type KL-Cov supports: TRL's loss of a per-token loss that is -c on every token (on-policy, beta 0,
     advantage c) equals forking_trl's `_aggregate_like_trl` of -c, in training (with accumulation) and in eval."""
