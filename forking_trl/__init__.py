@@ -1,8 +1,9 @@
 """forking_trl: RLVR on the forking tokens, after "Beyond the 80/20 Rule" (Wang et al., arXiv 2506.01939).
 
 The method (`token_entropy`, `forking_mask`, `forking_select`) is pure torch and imports without TRL; the trainers
-(`ForkingGRPOTrainer`, and `DynamicSamplingGRPOTrainer`: DAPO's dynamic sampling alone, for plain GRPO), their
-configs and the decoding processor are imported on first use.
+(`ForkingGRPOTrainer`; for plain GRPO, `DynamicSamplingGRPOTrainer`, DAPO's dynamic sampling alone, and
+`BranchingGRPOTrainer`, branching rollouts at the forks alone), their configs and the decoding processor are imported
+on first use.
 """
 
 from .entropy import token_entropy
@@ -11,6 +12,8 @@ from .selection import ForkingSelection, forking_mask, forking_select
 __version__ = "0.1.0"
 
 _LAZY = {
+    "BranchingGRPOConfig": "config",
+    "BranchingGRPOTrainer": "branching_trainer",
     "DynamicSamplingGRPOConfig": "config",
     "DynamicSamplingGRPOTrainer": "dynamic_sampling_trainer",
     "ForkingGRPOConfig": "config",

@@ -9,6 +9,9 @@ from typing import ClassVar
 
 from trl import GRPOConfig
 
+from .branching import ADVANTAGES as BRANCHING_ADVANTAGES
+from .branching import SCORES as BRANCHING_SCORES
+from .branching import TREE_WEIGHTINGS as BRANCHING_TREE_WEIGHTINGS
 from .credit import METHOD_NAMES
 from .selection import MODES, RATIO_SCHEDULES, SELECTIONS, check_choice, check_selection_args
 
@@ -29,7 +32,9 @@ METHOD_LOSSES = {
 }
 
 # the fields ForkingGRPOConfig adds to GRPOConfig (dynamic sampling's among them)
-OWN_FIELD_PREFIXES = ("forking_", "dynamic_sampling", "entropy_method", "clip_cov_", "kl_cov_", "entropy_adv_")
+OWN_FIELD_PREFIXES = ("forking_", "dynamic_sampling", "branching", "entropy_method", "clip_cov_", "kl_cov_", "entropy_adv_")
+# loss types whose per-token loss takes a (B, T) advantage token by token (TreeRL's tree credit)
+TREE_ADVANTAGE_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
 
 _PAPER = "[Beyond the 80/20 Rule](https://huggingface.co/papers/2506.01939)"
 _COV = "The Entropy Mechanism of RL for Reasoning LMs, arXiv 2505.22617"
@@ -50,7 +55,78 @@ def _choices(values: tuple[str, ...]) -> str:
 
 
 @dataclass
-class DynamicSamplingGRPOConfig(GRPOConfig):
+class GRPOExtensionConfig(GRPOConfig):
+    """What forking_trl's configs share: TRL's `GRPOConfig`, validation that can be run again, promotion of a plain
+    `GRPOConfig`, the generation window and on-policy rule. Each subclass adds fields under its `own_field_prefixes`
+    and checks them in `validate` (cooperatively: each calls `super().validate()`)."""
+
+    own_field_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self) -> None:
+        """Check every forking_trl field again (e.g. after one was set on a built config); `ValueError` naming it."""
+
+    @property
+    def generation_window(self) -> int:
+        """Micro-batches one generation batch serves in TRL: `steps_per_generation * num_iterations`."""
+        return (self.steps_per_generation or 1) * self.num_iterations
+
+    def fully_on_policy(self) -> bool:
+        """Every micro-batch is trained on with the parameters that generated it (TRL's condition for skipping its
+        old-log-prob pass, vLLM aside; pinned in `tests/test_trl_contract.py`): log π_old is then log π, and KL-Cov's
+        penalty is 0. The rule, `ON_POLICY_RULE`: `gradient_accumulation_steps` is a multiple of
+        `steps_per_generation * num_iterations`."""
+        return self.gradient_accumulation_steps % self.generation_window == 0
+
+    def on_policy_reason(self) -> str:
+        """Why this config is or is not fully on-policy, in `ON_POLICY_RULE`'s terms and with its own numbers."""
+        ga, spg, ni = self.gradient_accumulation_steps, self.steps_per_generation or 1, self.num_iterations
+        verdict = "is" if self.fully_on_policy() else "is not"
+        return (
+            f"gradient_accumulation_steps={ga} {verdict} a multiple of steps_per_generation × num_iterations = "
+            f"{spg} × {ni} = {self.generation_window}"
+        )
+
+    def fields_that_change_training(self) -> dict:
+        """This config's own fields whose values make training differ from plain GRPO (a trainer that does not
+        implement one must refuse it, see `refuse_fields_it_would_ignore`); each class adds its own."""
+        return {}
+
+    def own_fields(self) -> dict:
+        """The fields this config adds to `GRPOConfig` and their values (`ForkingGRPOTrainer` records them in each
+        checkpoint and compares them on resume)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(self.own_field_prefixes)}
+
+    @classmethod
+    def from_grpo_config(cls, args: GRPOConfig, **own_fields):
+        """Promote a plain `GRPOConfig` (or a config of a base class) to this class, keeping every value it holds.
+
+        The fields `GRPOConfig.__post_init__` derived (`generation_batch_size`, `steps_per_generation`, ...) are
+        copied as they are rather than derived again. This class's own fields take their defaults unless given.
+        """
+        if isinstance(args, cls):
+            return args
+        if not isinstance(args, GRPOConfig):
+            raise TypeError(f"expected a trl.GRPOConfig, got {type(args).__name__}.")
+        promoted = cls.__new__(cls)
+        promoted.__dict__.update(args.__dict__)
+        for f in fields(cls):
+            if f.name.startswith(cls.own_field_prefixes) and f.name not in promoted.__dict__:
+                setattr(promoted, f.name, f.default)
+        promoted._adopt(args)
+        for name, value in own_fields.items():
+            if not name.startswith(cls.own_field_prefixes) or not hasattr(promoted, name):
+                raise TypeError(f"from_grpo_config() got an unknown field {name!r} for {cls.__name__}.")
+            setattr(promoted, name, value)
+        promoted.validate()
+        return promoted
+
+    def _adopt(self, args: GRPOConfig) -> None:
+        """On promotion from `args`: carry over what a TRL field of `args` means in this class (nothing here)."""
+
+
+
+@dataclass
+class DynamicSamplingGRPOConfig(GRPOExtensionConfig):
     r"""
     Configuration class for the [`DynamicSamplingGRPOTrainer`] (and the base of [`ForkingGRPOConfig`]).
 
@@ -114,8 +190,11 @@ class DynamicSamplingGRPOConfig(GRPOConfig):
         self._check_dynamic_sampling()
 
     def validate(self) -> None:
-        """Check every forking_trl field again (e.g. after one was set on a built config); `ValueError` naming it."""
+        super().validate()
         self._check_dynamic_sampling()
+
+    def fields_that_change_training(self) -> dict:
+        return {**super().fields_that_change_training(), **({"dynamic_sampling": True} if self.dynamic_sampling else {})}
 
     def _check_dynamic_sampling(self) -> None:
         """Validate the dynamic-sampling fields (after TRL derived `steps_per_generation`)."""
@@ -135,67 +214,179 @@ class DynamicSamplingGRPOConfig(GRPOConfig):
                 f"must be a multiple of num_generations ({self.num_generations})."
             )
 
-    @property
-    def generation_window(self) -> int:
-        """Micro-batches one generation batch serves in TRL: `steps_per_generation * num_iterations`."""
-        return (self.steps_per_generation or 1) * self.num_iterations
+@dataclass
+class BranchingGRPOConfig(GRPOExtensionConfig):
+    r"""
+    Configuration class for the [`BranchingGRPOTrainer`] (and a base of [`ForkingGRPOConfig`]).
 
-    def fully_on_policy(self) -> bool:
-        """Every micro-batch is trained on with the parameters that generated it (TRL's condition for skipping its
-        old-log-prob pass, vLLM aside; pinned in `tests/test_trl_contract.py`): log π_old is then log π, and KL-Cov's
-        penalty is 0. The rule, `ON_POLICY_RULE`: `gradient_accumulation_steps` is a multiple of
-        `steps_per_generation * num_iterations`."""
-        return self.gradient_accumulation_steps % self.generation_window == 0
+    Extends [`~trl.GRPOConfig`] with branching rollouts at the forks, which TRL lacks (its issue #4294 declared tree
+    rollouts out of scope): of the `num_generations` = G completions of a prompt, `branching_roots` = M are sampled
+    as usual (the roots), and the other G − M are branches, each keeping a root's tokens before a fork position t
+    and sampling a new continuation from t. Forks are the roots' highest-scoring positions (entropy or surprisal),
+    after TreeRL/EPTree (Hou et al., [arXiv 2506.11902](https://huggingface.co/papers/2506.11902)), FR3E (Li et al.,
+    [arXiv 2507.07017](https://huggingface.co/papers/2507.07017)) and CURE (Li et al.,
+    [arXiv 2508.11016](https://huggingface.co/papers/2508.11016)). Every completion, root or branch, is an ordinary
+    completion of TRL's batch (prefix + continuation). Training only; evaluation samples as TRL does. Every other
+    field is TRL's; see [`~trl.GRPOConfig`].
 
-    def on_policy_reason(self) -> str:
-        """Why this config is or is not fully on-policy, in `ON_POLICY_RULE`'s terms and with its own numbers."""
-        ga, spg, ni = self.gradient_accumulation_steps, self.steps_per_generation or 1, self.num_iterations
-        verdict = "is" if self.fully_on_policy() else "is not"
-        return (
-            f"gradient_accumulation_steps={ga} {verdict} a multiple of steps_per_generation × num_iterations = "
-            f"{spg} × {ni} = {self.generation_window}"
-        )
+    Parameters:
+        > Parameters that control the branching rollouts
+
+        branching (`bool`, *optional*, defaults to `True`):
+            Grow each group as roots and branches. `False` trains exactly as [`~trl.GRPOTrainer`] (the control arm).
+            Needs `per_device_train_batch_size * steps_per_generation` a multiple of `num_generations` (each process
+            grows whole groups).
+        branching_roots (`int` or `None`, *optional*, defaults to `None`):
+            M, the roots per prompt, in [1, G − 1]; `None`: G // 2 (at least 1).
+        branching_per_fork (`int`, *optional*, defaults to `1`):
+            Continuations sampled from each fork (TreeRL's T; CURE's 3); G − M must be a multiple of it. The forks of
+            a group, (G − M) / `branching_per_fork` of them, are its roots' best-scored allowed positions.
+        branching_score (`str`, *optional*, defaults to `"entropy"`):
+            What makes a position a fork: `"entropy"`, the entropy of the full next-token distribution at the
+            sampling temperature (as the forking selection and CURE), or `"surprisal"`, −log p of the sampled token
+            (TreeRL's and FR3E's). Scored in one no-grad forward over the roots.
+        branching_min_distance (`int`, *optional*, defaults to `1`):
+            Forks of one root are at least this many positions apart (1: distinct positions, as the references).
+        branching_answer_marker (`str` or `None`, *optional*, defaults to `None`):
+            Text that begins the final answer (e.g. `"\\boxed{"`): a root does not fork after the token where it
+            first begins (the decision to start the answer may be taken again). `None`: no such limit. A root never
+            forks at its last token or in its padding.
+        branching_advantage (`str`, *optional*, defaults to `"group"`):
+            Credit for completions that share a prefix. `"group"`: TRL's advantage over the G completions (CURE,
+            ARPO). `"tree"`: TreeRL's per-token tree advantage (leave-one-out centred leaf rewards; each segment s
+            gets [V(s) − V(parent)] + V(s), V the mean centred value of the leaves below s), replacing TRL's
+            advantage (TRL's `scale_rewards` does not apply to it).
+        branching_tree_weighting (`str`, *optional*, defaults to `"sqrt"`):
+            With `"tree"`: `"sqrt"` divides each node's value by the square root of its number of leaves (TreeRL's
+            released script, `--use_weighted_value --weighted_value_style sqrt`); `"none"`: unweighted.
+        branching_train_prefix (`bool`, *optional*, defaults to `False`):
+            Whether a branch's copied prefix gets policy gradient again. `False`: it is left out of the loss through
+            TRL's per-token loss mask (`tool_mask`), so each shared token is trained once, in its root (as CURE,
+            which puts the prefix in the prompt). `True`: every completion is trained whole (as TreeRL, which trains
+            every root-to-leaf path).
+    """
+
+    own_field_prefixes: ClassVar[tuple[str, ...]] = ("branching",)
+
+    branching: bool = field(
+        default=True,
+        metadata={
+            "help": "Branching rollouts (TreeRL arXiv 2506.11902, FR3E arXiv 2507.07017, CURE arXiv 2508.11016): M "
+            "roots per prompt, the other completions branch from their highest-scoring positions. False: TRL's GRPO."
+        },
+    )
+    branching_roots: int | None = field(
+        default=None, metadata={"help": "M, roots per prompt, in [1, num_generations - 1]; None: num_generations // 2."}
+    )
+    branching_per_fork: int = field(
+        default=1,
+        metadata={"help": "Continuations sampled from each fork; num_generations - M must be a multiple of it."},
+    )
+    branching_score: str = field(
+        default="entropy",
+        metadata={
+            "help": "Fork score: 'entropy' (full next-token distribution at the sampling temperature, as CURE) or "
+            "'surprisal' (-log p of the sampled token, as TreeRL and FR3E).",
+            "choices": list(BRANCHING_SCORES),
+        },
+    )
+    branching_min_distance: int = field(
+        default=1, metadata={"help": "Forks of one root are at least this many positions apart (1: distinct)."}
+    )
+    branching_answer_marker: str | None = field(
+        default=None,
+        metadata={"help": "Text that begins the final answer (e.g. '\\boxed{'): no fork after it. None: no limit."},
+    )
+    branching_advantage: str = field(
+        default="group",
+        metadata={
+            "help": "Credit: 'group' (TRL's advantage over the G completions, as CURE and ARPO) or 'tree' (TreeRL's "
+            "per-token tree advantage).",
+            "choices": list(BRANCHING_ADVANTAGES),
+        },
+    )
+    branching_tree_weighting: str = field(
+        default="sqrt",
+        metadata={
+            "help": "With branching_advantage='tree': 'sqrt' (node values / sqrt(leaves), TreeRL's script) or 'none'.",
+            "choices": list(BRANCHING_TREE_WEIGHTINGS),
+        },
+    )
+    branching_train_prefix: bool = field(
+        default=False,
+        metadata={
+            "help": "Train a branch's copied prefix again (True, as TreeRL) or leave it out of the loss through "
+            "TRL's tool_mask (False: each shared token trained once, in its root, as CURE)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_branching()
+
+    def validate(self) -> None:
+        super().validate()
+        self._check_branching()
 
     def fields_that_change_training(self) -> dict:
-        """This config's own fields whose values make training differ from what they add nothing to (a trainer that
-        does not implement them must refuse them); none here: dynamic sampling is every mixin's."""
-        return {}
+        return {**super().fields_that_change_training(), **({"branching": True} if self.branching else {})}
 
-    def own_fields(self) -> dict:
-        """The fields this config adds to `GRPOConfig` and their values (`ForkingGRPOTrainer` records them in each
-        checkpoint and compares them on resume)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(self.own_field_prefixes)}
+    @property
+    def num_roots(self) -> int:
+        """M: `branching_roots`, or num_generations // 2 (at least 1) when unset."""
+        return self.branching_roots if self.branching_roots is not None else max(1, self.num_generations // 2)
 
-    @classmethod
-    def from_grpo_config(cls, args: GRPOConfig, **own_fields):
-        """Promote a plain `GRPOConfig` (or a config of a base class) to this class, keeping every value it holds.
+    def _check_branching(self) -> None:
+        """Validate the branching fields (after TRL derived `steps_per_generation`); `ValueError` naming the field."""
 
-        The fields `GRPOConfig.__post_init__` derived (`generation_batch_size`, `steps_per_generation`, ...) are
-        copied as they are rather than derived again. This class's own fields take their defaults unless given.
-        """
-        if isinstance(args, cls):
-            return args
-        if not isinstance(args, GRPOConfig):
-            raise TypeError(f"expected a trl.GRPOConfig, got {type(args).__name__}.")
-        promoted = cls.__new__(cls)
-        promoted.__dict__.update(args.__dict__)
-        for f in fields(cls):
-            if f.name.startswith(cls.own_field_prefixes) and f.name not in promoted.__dict__:
-                setattr(promoted, f.name, f.default)
-        promoted._adopt(args)
-        for name, value in own_fields.items():
-            if not name.startswith(cls.own_field_prefixes) or not hasattr(promoted, name):
-                raise TypeError(f"from_grpo_config() got an unknown field {name!r} for {cls.__name__}.")
-            setattr(promoted, name, value)
-        promoted.validate()
-        return promoted
+        def count(name: str, low: int, high: int | None = None) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+                span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+                raise ValueError(f"{name} must be an int {span}; got {value!r}.")
 
-    def _adopt(self, args: GRPOConfig) -> None:
-        """On promotion from `args`: carry over what a TRL field of `args` means in this class (nothing here)."""
+        for name in ("branching", "branching_train_prefix"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}.")
+        check_choice("branching_score", self.branching_score, BRANCHING_SCORES)
+        check_choice("branching_advantage", self.branching_advantage, BRANCHING_ADVANTAGES)
+        check_choice("branching_tree_weighting", self.branching_tree_weighting, BRANCHING_TREE_WEIGHTINGS)
+        count("branching_per_fork", 1)
+        count("branching_min_distance", 1)
+        marker = self.branching_answer_marker
+        if marker is not None and (not isinstance(marker, str) or not marker):
+            raise ValueError(f"branching_answer_marker must be a non-empty string or None; got {marker!r}.")
+        if not self.branching:
+            return
+        G = self.num_generations
+        if G < 2:
+            raise ValueError(f"branching needs num_generations >= 2 (at least one root and one branch); got {G}.")
+        if self.branching_roots is not None:
+            count("branching_roots", 1, G - 1)
+        M = self.num_roots
+        if (G - M) % self.branching_per_fork:
+            raise ValueError(
+                f"branching: the {G - M} branches of a group (num_generations {G} - branching_roots {M}) do not add "
+                f"up to whole forks of branching_per_fork={self.branching_per_fork}; choose branching_roots and "
+                "branching_per_fork so that num_generations - branching_roots is a multiple of branching_per_fork."
+            )
+        local = self.per_device_train_batch_size * (self.steps_per_generation or 1)
+        if local % G:
+            raise ValueError(
+                f"branching grows whole groups on each process: per_device_train_batch_size * steps_per_generation "
+                f"({self.per_device_train_batch_size} * {self.steps_per_generation} = {local}) must be a multiple of "
+                f"num_generations ({G})."
+            )
+        if self.branching_advantage == "tree" and self.loss_type not in TREE_ADVANTAGE_LOSSES:
+            raise ValueError(
+                f"branching_advantage='tree' gives per-token advantages, which loss_type={self.loss_type!r} does not "
+                f"take per token; use a loss_type among {_choices(TREE_ADVANTAGE_LOSSES)}, or "
+                "branching_advantage='group'."
+            )
 
 
 @dataclass
-class ForkingGRPOConfig(DynamicSamplingGRPOConfig):
+class ForkingGRPOConfig(DynamicSamplingGRPOConfig, BranchingGRPOConfig):
     r"""
     Configuration class for the [`ForkingGRPOTrainer`].
 
@@ -263,6 +454,28 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig):
             Generation rounds per generation batch at most, as in [`DynamicSamplingGRPOConfig`].
         dynamic_sampling_reward (`str` or `None`, *optional*, defaults to `None`):
             The reward whose spread makes a group informative, as in [`DynamicSamplingGRPOConfig`].
+
+        > Parameters of the branching rollouts (see [`BranchingGRPOConfig`], which documents them in full)
+
+        branching (`bool`, *optional*, defaults to `False`):
+            Branching rollouts at the forks: `branching_roots` roots per prompt, the other completions branch from
+            their best-scored positions; off by default here (on in [`BranchingGRPOConfig`]).
+        branching_roots (`int` or `None`, *optional*, defaults to `None`):
+            M, the roots per prompt, in [1, G − 1]; `None`: G // 2.
+        branching_per_fork (`int`, *optional*, defaults to `1`):
+            Continuations sampled from each fork; G − M must be a multiple of it.
+        branching_score (`str`, *optional*, defaults to `"entropy"`):
+            `"entropy"` (as the selection and CURE) or `"surprisal"` (−log p of the sampled token, TreeRL, FR3E).
+        branching_min_distance (`int`, *optional*, defaults to `1`):
+            Forks of one root are at least this many positions apart.
+        branching_answer_marker (`str` or `None`, *optional*, defaults to `None`):
+            Text that begins the final answer (e.g. `"\\boxed{"`): no fork after the token where it begins.
+        branching_advantage (`str`, *optional*, defaults to `"group"`):
+            `"group"` (TRL's advantage over the G completions) or `"tree"` (TreeRL's per-token tree advantage).
+        branching_tree_weighting (`str`, *optional*, defaults to `"sqrt"`):
+            With `"tree"`: node values divided by sqrt(leaves) (`"sqrt"`, TreeRL's script) or not (`"none"`).
+        branching_train_prefix (`bool`, *optional*, defaults to `False`):
+            Train a branch's copied prefix again (`True`, TreeRL) or leave it out of the loss (`False`, CURE).
 
         > Parameters of the entropy methods that followed the paper (one at a time; composable with the selection)
 
@@ -375,6 +588,14 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig):
         metadata={
             "help": "DAPO's dynamic sampling (arXiv 2503.14476), as in the paper's recipe: drop groups whose rewards "
             "are all equal and fill the generation batch with informative groups from further prompts."
+        },
+    )
+
+    branching: bool = field(
+        default=False,
+        metadata={
+            "help": "Branching rollouts at the forks (TreeRL arXiv 2506.11902, FR3E arXiv 2507.07017, CURE arXiv "
+            "2508.11016): M roots per prompt, the other completions branch from their highest-scoring positions."
         },
     )
 
@@ -549,9 +770,10 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig):
             )
 
     def fields_that_change_training(self) -> dict:
-        """`forking_mode` unless `"all"`, `entropy_method` unless `"none"`: with both at those values the forking
-        trainer trains as GRPO (its other fields then only qualify them, or log)."""
-        out = {}
+        """Dynamic sampling and branching when on, `forking_mode` unless `"all"`, `entropy_method` unless `"none"`:
+        with all at those values the forking trainer trains as GRPO (its other fields then only qualify them, or
+        log)."""
+        out = super().fields_that_change_training()
         if self.forking_mode != "all":
             out["forking_mode"] = self.forking_mode
         if self.entropy_method != "none":
@@ -583,3 +805,33 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig):
                 )
             self.forking_mode, self.forking_ratio = "top", float(args.top_entropy_quantile)
             self.top_entropy_quantile = 1.0
+
+
+def refuse_fields_it_would_ignore(trainer_class: type, args: GRPOExtensionConfig) -> None:
+    """`ValueError` when `args` (a config of a richer class, e.g. a `ForkingGRPOConfig` given to
+    `DynamicSamplingGRPOTrainer`) sets fields beyond `trainer_class.config_class` that would change training: the
+    trainer would silently train without them."""
+    own = {f.name for f in fields(trainer_class.config_class)}
+    ignored = {k: v for k, v in args.fields_that_change_training().items() if k not in own}
+    if ignored:
+        shown = ", ".join(f"{k}={v!r}" for k, v in ignored.items())
+        raise ValueError(
+            f"{trainer_class.__name__} does not implement {shown} of the {type(args).__name__} it was given and "
+            "would train without them. Use ForkingGRPOTrainer (it implements every forking_trl field), or turn them "
+            "off (forking_mode='all', entropy_method='none', dynamic_sampling=False, branching=False)."
+        )
+
+
+def prepare_trainer_args(trainer_class: type, model, args: GRPOConfig | None) -> GRPOExtensionConfig:
+    """What each forking_trl trainer does with `args` before TRL's `__init__`: a default config when None (as TRL:
+    output_dir "<model name>-<trainer>", e.g. ForkingGRPO), promotion of a plain `GRPOConfig` to
+    `trainer_class.config_class` keeping every value, validation again (fields may have been set after the config
+    was built), and the refusal of fields the trainer does not implement."""
+    config_class = trainer_class.config_class
+    if args is None:
+        name = model if isinstance(model, str) else model.config._name_or_path
+        args = config_class(f"{name.split('/')[-1]}-{config_class.__name__.removesuffix('Config')}")
+    args = config_class.from_grpo_config(args)
+    args.validate()
+    refuse_fields_it_would_ignore(trainer_class, args)
+    return args

@@ -17,17 +17,14 @@ TRL hooks (`trl>=1.16,<1.17`; pinned in `tests/test_trl_contract.py`):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import textwrap
-import time
 
 import datasets
 import torch
-import torch.distributed as dist
 from torch.utils.data import IterableDataset
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
@@ -44,13 +41,14 @@ from .dynamic_sampling import (
     take_groups,
     training_rewards,
 )
+from .extension import TrainerExtension
 
 logger = logging.getLogger(__name__)
 
 DYNAMIC_SAMPLING_STATE_NAME = "forking_dynamic_sampling.json"  # in each checkpoint: where the prompt stream stood
 
 
-class DynamicSamplingMixin:
+class DynamicSamplingMixin(TrainerExtension):
     """Dynamic sampling for a `GRPOTrainer` subclass: `class MyTrainer(DynamicSamplingMixin, GRPOTrainer)`.
 
     `args` is promoted to `config_class` (`DynamicSamplingGRPOConfig`, or a subclass's own config) and validated
@@ -63,13 +61,8 @@ class DynamicSamplingMixin:
     config_class = DynamicSamplingGRPOConfig  # what `args` is promoted to (a subclass's trainer: its own config)
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos_args, **kwargs):
-        if args is None:  # as TRL: output_dir "<model name>-<trainer>", here DynamicSamplingGRPO or ForkingGRPO
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = self.config_class(f"{name.split('/')[-1]}-{self.config_class.__name__.removesuffix('Config')}")
-        args = self.config_class.from_grpo_config(args)
-        args.validate()  # again: fields may have been set after the config was built
-        self._refuse_fields_it_would_ignore(args)
-        super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
+        super().__init__(model, reward_funcs, args, *pos_args, **kwargs)  # TrainerExtension promotes `args`
+        args = self.args
         self._dynamic_rewards_per_func: torch.Tensor | None = None  # (N_all, F): the last round's, as TRL gathered
         self._dynamic_iterator = None
         self._dynamic_passes = 0  # passes over the dataset by the further-prompt stream (each its own order)
@@ -90,19 +83,6 @@ class DynamicSamplingMixin:
             raise ValueError(
                 "dynamic_sampling draws further prompts from a datasets.Dataset (by index) or a "
                 f"datasets.IterableDataset (as a stream); got a {type(self.train_dataset).__name__}."
-            )
-
-    def _refuse_fields_it_would_ignore(self, args) -> None:
-        """A config of a richer class (a `ForkingGRPOConfig` given to `DynamicSamplingGRPOTrainer`) whose fields
-        beyond `config_class` would change training: refused, naming them, instead of training without them."""
-        own = {f.name for f in dataclasses.fields(self.config_class)}
-        ignored = {k: v for k, v in args.fields_that_change_training().items() if k not in own}
-        if ignored:
-            shown = ", ".join(f"{k}={v!r}" for k, v in ignored.items())
-            raise ValueError(
-                f"{type(self).__name__} does not implement {shown} of the {type(args).__name__} it was given and "
-                f"would train without them. Use ForkingGRPOTrainer for them, or set forking_mode='all' and "
-                "entropy_method='none' (or pass a DynamicSamplingGRPOConfig)."
             )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -309,26 +289,6 @@ class DynamicSamplingMixin:
                 self.num_iterations,
                 generate_every // math.gcd(generate_every, self.args.gradient_accumulation_steps),
             )
-
-    # ------------------------------------------------------------------------------------------------------------
-    # launch hygiene, shared by forking_trl's trainers
-
-    def end_distributed(self, grace_s: float = 0.2) -> None:
-        """End a launched run cleanly; call it last in a script (the trainer cannot train after it).
-
-        Finishes Accelerate's trackers and destroys the process group (`accelerator.end_training()`, as PyTorch asks
-        of every script), then, if a group existed, sleeps `grace_s` seconds with the GIL released. The sleep is for
-        gloo (CPU runs): a gloo worker thread frees the tensors of the last collective (transformers' final
-        `store_flos` all-gather, about 1 ms before the script ends) only after the caller has its result, and needs
-        the GIL for that. If the interpreter is already finalizing, the thread is killed inside C++ and the rank
-        aborts with "terminate called without an active exception" (pytorch/pytorch#190489); destroying the group
-        does not stop its workers while something else still holds it (DeepSpeed keeps the world group as a default
-        argument). Seen in ~1 of 30 two-process CPU runs under load without this; the sleep gives the worker its turn.
-        """
-        was_distributed = dist.is_available() and dist.is_initialized()
-        self.accelerator.end_training()
-        if was_distributed:
-            time.sleep(grace_s)
 
 
 class DynamicSamplingGRPOTrainer(DynamicSamplingMixin, GRPOTrainer):

@@ -45,6 +45,7 @@ import torch.distributed as dist
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
+from .branching_trainer import BranchingMixin
 from .config import ON_POLICY_RULE, SEQUENCE_MEAN_LOSSES, ForkingGRPOConfig
 from .credit import METHODS, CreditInputs, MethodTerms, token_covariance
 from .dynamic_sampling_trainer import DynamicSamplingMixin, loss_mask
@@ -57,7 +58,10 @@ ENTROPY_PERCENTILES = (50, 80, 95)  # logged as entropy/p50, ... (nearest rank, 
 FORKING_STATE_NAME = "forking_state.json"  # in each checkpoint: the forking fields of the run that saved it
 
 
-class ForkingGRPOTrainer(DynamicSamplingMixin, GRPOTrainer):
+# The order of the mixins, written down once: dynamic sampling's rounds outermost (each round is one branched
+# generation, and a group is informative over all its leaves), then branching (its roots, forks and branches inside
+# TRL's generation), then TRL. This class's own hooks wrap both (the batch scope selects over the stacked batch).
+class ForkingGRPOTrainer(DynamicSamplingMixin, BranchingMixin, GRPOTrainer):
     """`trl.GRPOTrainer` whose policy gradient reaches only the selected (by default top-20% entropy) tokens.
 
     Same constructor as `GRPOTrainer`. `args` may be a `ForkingGRPOConfig`, or a plain `GRPOConfig`, which is
@@ -79,6 +83,9 @@ class ForkingGRPOTrainer(DynamicSamplingMixin, GRPOTrainer):
     `forking_kept_entropy_bonus=True`.
 
     With `dynamic_sampling=True`, DAPO's dynamic sampling (`DynamicSamplingMixin`) and its `dynamic_sampling/*` metrics.
+    With `branching=True`, branching rollouts at the forks (`BranchingMixin`) and its `branching/*` metrics; the
+    selection then sees the tokens that are in the loss (a branch's copied prefix is not, unless
+    `branching_train_prefix=True`).
 
     Checkpoints also hold `forking_state.json` (the forking fields), the random mode's generator and, with dynamic
     sampling, where its stream of further prompts stood; resuming with a forking field changed logs a warning

@@ -137,9 +137,9 @@ def test_forking_fields_lists_every_forking_field():
     args = ForkingGRPOConfig(**COMMON, forking_mode="bottom", forking_ratio=0.8)
     recorded = args.forking_fields()
     assert recorded["forking_mode"] == "bottom" and recorded["forking_ratio"] == 0.8
-    own = ("forking_", "dynamic_sampling", "entropy_method", "clip_cov_", "kl_cov_", "entropy_adv_")
+    own = ("forking_", "dynamic_sampling", "branching", "entropy_method", "clip_cov_", "kl_cov_", "entropy_adv_")
     assert all(name.startswith(own) for name in recorded) and "forking_scope" in recorded
-    assert recorded["dynamic_sampling"] is False
+    assert recorded["dynamic_sampling"] is False and recorded["branching"] is False
     assert recorded["entropy_method"] == "none" and recorded["kl_cov_ratio"] == 2e-3  # the methods' fields too
 
 
