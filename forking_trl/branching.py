@@ -67,7 +67,9 @@ def select_forks(scores: torch.Tensor, allowed: torch.Tensor, num_forks: int, mi
         the prompt, which share no token with their root).
     """
     if scores.shape != allowed.shape or scores.dim() != 2:
-        raise ValueError(f"scores and allowed must both be (M, T); got {tuple(scores.shape)} and {tuple(allowed.shape)}.")
+        raise ValueError(
+            f"scores and allowed must both be (M, T); got {tuple(scores.shape)} and {tuple(allowed.shape)}."
+        )
     if min_distance < 1:
         raise ValueError(f"min_distance must be >= 1; got {min_distance}.")
     num_roots = scores.size(0)

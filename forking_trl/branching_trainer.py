@@ -30,7 +30,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from .branching import GroupTree, allowed_positions, answer_start, select_forks, tree_advantages
-from .config import BranchingGRPOConfig
+from .config import BranchingGRPOConfig, prepare_trainer_args
 from .dynamic_sampling import training_rewards
 from .extension import TrainerExtension
 
@@ -68,20 +68,23 @@ class BranchingMixin(TrainerExtension):
     config_class = BranchingGRPOConfig
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos_args, **kwargs):
-        super().__init__(model, reward_funcs, args, *pos_args, **kwargs)  # TrainerExtension promotes `args`
-        args = self.args
+        args = prepare_trainer_args(type(self), model, args)  # (TrainerExtension's, early: for the check below)
+        if args.branching:
+            self._refuse_unsupported_branching(kwargs)
+        super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
         self._branching_plan: BranchPlan | None = None
         self._branching_rewards_per_func: torch.Tensor | None = None  # (N_all, F), as TRL gathered them
         if args.branching:
-            self._refuse_unsupported_branching()
+            self._refuse_unsupported_branching(vars(self))
 
-    def _refuse_unsupported_branching(self) -> None:
+    def _refuse_unsupported_branching(self, given: dict) -> None:
+        """Before TRL's `__init__` from its keyword arguments, after it from the trainer's attributes."""
         unsupported = []
-        if self.tools or getattr(self, "environment_factories", None) is not None:
+        if given.get("tools") or given.get("environment_factory") or given.get("environment_factories"):
             unsupported.append("tools / environment_factory (a tool call's response would be copied into branches)")
-        if self.rollout_func is not None:
+        if given.get("rollout_func") is not None:
             unsupported.append("rollout_func (it replaces the generation branching grows)")
-        if getattr(self, "_is_vlm", False):
+        if given.get("_is_vlm"):
             unsupported.append("a vision-language model (multimodal prompts)")
         if unsupported:
             raise ValueError(
@@ -93,7 +96,9 @@ class BranchingMixin(TrainerExtension):
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if not (self.args.branching and self.model.training):
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
         return self._branched_generation(prompt_ids, images, multimodal_fields, num_generations)
 
     def _generate(self, prompts):
@@ -297,9 +302,21 @@ class BranchingMixin(TrainerExtension):
             dtype=torch.float64,
             device=self.accelerator.device,
         )
-        (roots, forks, fresh, fork_sum, token_sum, token_n, generated, total, root_r, branch_r, changed, distinct, n) = (
-            self.accelerator.reduce(local, reduction="sum").tolist()
-        )
+        (
+            roots,
+            forks,
+            fresh,
+            fork_sum,
+            token_sum,
+            token_n,
+            generated,
+            total,
+            root_r,
+            branch_r,
+            changed,
+            distinct,
+            n,
+        ) = self.accelerator.reduce(local, reduction="sum").tolist()
         branches = n * (G - M)
         metrics = self._metrics["train"]
         metrics["branching/forks_per_root"].append(forks / roots if roots else 0.0)

@@ -32,7 +32,15 @@ METHOD_LOSSES = {
 }
 
 # the fields ForkingGRPOConfig adds to GRPOConfig (dynamic sampling's among them)
-OWN_FIELD_PREFIXES = ("forking_", "dynamic_sampling", "branching", "entropy_method", "clip_cov_", "kl_cov_", "entropy_adv_")
+OWN_FIELD_PREFIXES = (
+    "forking_",
+    "dynamic_sampling",
+    "branching",
+    "entropy_method",
+    "clip_cov_",
+    "kl_cov_",
+    "entropy_adv_",
+)
 # loss types whose per-token loss takes a (B, T) advantage token by token (TreeRL's tree credit)
 TREE_ADVANTAGE_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
 
@@ -124,7 +132,6 @@ class GRPOExtensionConfig(GRPOConfig):
         """On promotion from `args`: carry over what a TRL field of `args` means in this class (nothing here)."""
 
 
-
 @dataclass
 class DynamicSamplingGRPOConfig(GRPOExtensionConfig):
     r"""
@@ -194,7 +201,10 @@ class DynamicSamplingGRPOConfig(GRPOExtensionConfig):
         self._check_dynamic_sampling()
 
     def fields_that_change_training(self) -> dict:
-        return {**super().fields_that_change_training(), **({"dynamic_sampling": True} if self.dynamic_sampling else {})}
+        return {
+            **super().fields_that_change_training(),
+            **({"dynamic_sampling": True} if self.dynamic_sampling else {}),
+        }
 
     def _check_dynamic_sampling(self) -> None:
         """Validate the dynamic-sampling fields (after TRL derived `steps_per_generation`)."""
@@ -213,6 +223,7 @@ class DynamicSamplingGRPOConfig(GRPOExtensionConfig):
                 f"steps_per_generation ({self.per_device_train_batch_size} * {self.steps_per_generation} = {local}) "
                 f"must be a multiple of num_generations ({self.num_generations})."
             )
+
 
 @dataclass
 class BranchingGRPOConfig(GRPOExtensionConfig):
@@ -276,7 +287,8 @@ class BranchingGRPOConfig(GRPOExtensionConfig):
         },
     )
     branching_roots: int | None = field(
-        default=None, metadata={"help": "M, roots per prompt, in [1, num_generations - 1]; None: num_generations // 2."}
+        default=None,
+        metadata={"help": "M, roots per prompt, in [1, num_generations - 1]; None: num_generations // 2."},
     )
     branching_per_fork: int = field(
         default=1,
@@ -341,7 +353,12 @@ class BranchingGRPOConfig(GRPOExtensionConfig):
 
         def count(name: str, low: int, high: int | None = None) -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < low
+                or (high is not None and value > high)
+            ):
                 span = f"in [{low}, {high}]" if high is not None else f">= {low}"
                 raise ValueError(f"{name} must be an int {span}; got {value!r}.")
 

@@ -192,3 +192,372 @@ def test_group_tree_refuses_a_malformed_shape():
         GroupTree(num_roots=2, parent=(0, 0, 0), fork=(0, 0, 1), lengths=(3, 3, 3))
     with pytest.raises(ValueError, match="branch 2 must fork from a root, inside it"):
         GroupTree(num_roots=2, parent=(0, 1, 0), fork=(0, 0, 3), lengths=(3, 3, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the trainers: a branched round, its loss mask and credit, every generation path, composition
+
+from _util import (  # noqa: E402
+    AdvantageSpy,
+    changed,
+    half_constant_reward,
+    length_reward,
+    logged,
+    prompt_dataset,
+    snapshot,
+    trainer_args,
+)
+from forking_trl import (  # noqa: E402
+    BranchingGRPOConfig,
+    BranchingGRPOTrainer,
+    ForkingGRPOConfig,
+    ForkingGRPOTrainer,
+)
+from forking_trl.branching import answer_start as find_answer  # noqa: E402
+from test_launch import launch  # noqa: E402
+
+G, M = 4, 2
+
+
+def branching_trainer(tiny_model, tmp_path, trainer_class=BranchingGRPOTrainer, reward=length_reward, **overrides):
+    config = BranchingGRPOConfig if trainer_class is BranchingGRPOTrainer else ForkingGRPOConfig
+    settings = {"branching": True, "branching_roots": M, "num_generations": G, **overrides}
+    args = trainer_args(tmp_path, config_class=config, **settings)
+    return trainer_class(tiny_model, reward, args=args, train_dataset=prompt_dataset())
+
+
+def one_round(trainer, groups=2):
+    """One generation round while training, on `groups` prompts in TRL's layout; (output, plan)."""
+    rows = [row for row in list(prompt_dataset())[:groups] for _ in range(trainer.num_generations)]
+    plans, branched = [], trainer._branched_generation
+
+    def record(*args):
+        out = branched(*args)
+        plans.append(trainer._branching_plan)
+        return out
+
+    trainer._branched_generation = record
+    trainer.model.train()
+    output = trainer._generate_and_score_completions(rows)
+    (plan,) = plans
+    return output, plan
+
+
+def test_a_branched_round_copies_each_prefix_and_masks_it_out_of_the_loss(tiny_model, tmp_path):
+    trainer = branching_trainer(tiny_model, tmp_path, max_completion_length=16)
+    limits, length = [], trainer._generation_length
+    trainer._generation_length = lambda n: limits.append(n) or length(n)
+    output, plan = one_round(trainer)
+    ids, mask, tool = output["completion_ids"], output["completion_mask"], output["tool_mask"]
+    lengths = mask.sum(1).tolist()
+    L = trainer.max_completion_length
+    for g, tree in enumerate(plan.trees):
+        assert tree.parent[:M] == tuple(range(M)) and tree.lengths == tuple(lengths[g * G : (g + 1) * G])
+        for i in range(M, G):
+            row, root, t = g * G + i, g * G + tree.parent[i], tree.fork[i]
+            assert 1 <= t < lengths[root] - 1 and plan.prefix[row] == t
+            assert torch.equal(ids[row, :t], ids[root, :t])  # token for token before the fork
+            assert tool[row, :t].sum() == 0 and torch.all(tool[row, t : lengths[row]] == 1)
+            assert lengths[row] <= L
+        assert torch.all(tool[g * G : g * G + M] == 1)  # roots: every token in the loss
+    assert output["num_items_in_batch"] == (mask * tool).sum()  # TRL counted the loss tokens with the mask
+    assert limits == [L - min(plan.prefix[r] for r in range(len(plan.prefix)) if r % G >= M)]
+    metrics = trainer._metrics["train"]
+    assert metrics["branching/forks_per_root"] == [(G - M) / M] and metrics["branching/fresh_samples"] == [0.0]
+    total = sum(lengths)
+    copied = sum(plan.prefix)
+    assert metrics["branching/generated_tokens_ratio"] == [pytest.approx((total - copied) / total)]
+
+
+def test_the_forks_are_the_best_scored_allowed_positions(tiny_model, tmp_path):
+    trainer = branching_trainer(tiny_model, tmp_path, max_completion_length=16, branching_score="surprisal")
+    output, plan = one_round(trainer)
+    ids, lengths = output["completion_ids"], output["completion_mask"].sum(1).tolist()
+    prompts = [p[m.bool()].tolist() for p, m in zip(output["prompt_ids"], output["prompt_mask"])]
+    for g, tree in enumerate(plan.trees):
+        roots = [g * G + j for j in range(M)]
+        scores = trainer._root_scores([prompts[r] for r in roots], [ids[r, : lengths[r]].tolist() for r in roots])
+        allowed = allowed_positions([lengths[r] for r in roots], [None] * M, scores.size(1))
+        forks = select_forks(scores, allowed, G - M)
+        assert [(tree.parent[i], tree.fork[i]) for i in range(M, G)] == [(f.root, f.position) for f in forks]
+        best = torch.where(allowed, scores, -torch.inf).max()
+        assert scores[forks[0].root, forks[0].position] == best  # the first fork is the best allowed position
+        # surprisal: -log p of the sampled token at the sampling temperature, from TRL's own pass
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model,
+            torch.cat([output["prompt_ids"], ids], 1)[roots],
+            torch.cat([output["prompt_mask"], output["completion_mask"]], 1)[roots],
+            ids.size(1),
+        )
+        valid = ~torch.isnan(scores)
+        torch.testing.assert_close(
+            scores[valid], -logps.detach().cpu()[:, : scores.size(1)][valid], rtol=1e-4, atol=1e-4
+        )
+
+
+def test_no_fork_after_the_final_answer_begins(tiny_model, tmp_path):
+    trainer = branching_trainer(tiny_model, tmp_path, max_completion_length=16, branching_answer_marker="e")
+    output, plan = one_round(trainer)
+    tokenizer = trainer.processing_class
+    seen_marker = False
+    for g, tree in enumerate(plan.trees):
+        for i in range(M, G):
+            root = g * G + tree.parent[i]
+            pieces = tokenizer.batch_decode(
+                [[x] for x in output["completion_ids"][root, : tree.lengths[tree.parent[i]]]]
+            )
+            start = find_answer(pieces, "e")
+            seen_marker |= start is not None
+            assert tree.fork[i] == 0 or start is None or tree.fork[i] <= start
+    assert seen_marker  # the marker occurred, so the limit was exercised
+
+
+def test_tree_advantages_reach_the_loss_per_token(tiny_model, tmp_path):
+    trainer = branching_trainer(tiny_model, tmp_path, max_completion_length=12, branching_advantage="tree")
+    output, plan = one_round(trainer)
+    texts = trainer.processing_class.batch_decode(output["completion_ids"], skip_special_tokens=True)
+    rewards = torch.tensor(length_reward([[{"content": t}] for t in texts]))
+    width = output["completion_ids"].size(1)
+    expected = torch.cat(
+        [tree_advantages(rewards[g * G : (g + 1) * G], tree, width, "sqrt") for g, tree in enumerate(plan.trees)]
+    )
+    assert output["advantages"].shape == output["completion_ids"].shape
+    torch.testing.assert_close(output["advantages"], expected)
+    before = snapshot(trainer.model)
+    trainer.train()  # TRL's loss takes the (B, T) advantages
+    assert changed(before, trainer.model)
+
+
+class StubVLLMGeneration:
+    """TRL's vLLM generation object as `_generate_single_turn` calls it: `generate(prompts=token ids, ...)` returning
+    (prompt ids, completion ids, top-1 logprobs per token, logprob token ids), one completion per prompt given (the
+    server dedups by `num_generations`, colocate samples each). Deterministic completions, recorded calls."""
+
+    def __init__(self, max_completion_length, eos):
+        self.max_completion_length, self.eos, self.calls = max_completion_length, eos, []
+
+    def sync_weights(self):
+        pass
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        self.calls.append((list(map(list, prompts)), num_generations, self.max_completion_length))
+        completions, logprobs = [], []
+        for k, prompt in enumerate(prompts):
+            n = max(2, self.max_completion_length - (k % 3))
+            tokens = [10 + (sum(prompt) + 7 * k + j) % 200 for j in range(n - 1)] + [self.eos]
+            completions.append(tokens[: self.max_completion_length])
+            logprobs.append([[-0.01 * (j + 1)] for j in range(len(completions[-1]))])
+        return prompts, completions, logprobs, None
+
+
+def test_the_vllm_path_sends_token_ids_and_joins_the_logprobs(tiny_model, tmp_path):
+    trainer = branching_trainer(tiny_model, tmp_path, max_completion_length=12)
+    stub = StubVLLMGeneration(12, trainer.eos_token_ids[0])
+    trainer.use_vllm, trainer.vllm_generation, trainer._last_loaded_step = True, stub, trainer.state.global_step
+    trainer.model.train()
+    prompts = [[5, 6, 7]] * G + [[8, 9]] * G
+    completions, logprobs = trainer._generate_single_turn(prompts, None, {}, G)
+    (root_prompts, root_n, root_limit), (branch_prompts, branch_n, branch_limit) = stub.calls
+    assert root_prompts == [[5, 6, 7]] * M + [[8, 9]] * M and root_n == M and root_limit == 12
+    plan = trainer._branching_plan
+    forks = [plan.prefix[r] for r in range(len(prompts)) if r % G >= M]
+    assert branch_n == 1 and branch_limit == 12 - min(forks) and stub.max_completion_length == 12  # restored
+    for g, tree in enumerate(plan.trees):
+        for i in range(M, G):
+            row, root, t = g * G + i, g * G + tree.parent[i], tree.fork[i]
+            assert branch_prompts[(row // G) * (G - M) + i - M] == prompts[row] + completions[root][:t]  # token ids
+            assert completions[row][:t] == completions[root][:t] and len(completions[row]) <= 12
+            assert logprobs[row][:t] == logprobs[root][:t] and len(logprobs[row]) == len(completions[row])
+
+
+@pytest.mark.slow
+def test_branching_off_trains_exactly_as_grpo_trainer(tiny_model, tmp_path):
+    from trl import GRPOConfig, GRPOTrainer
+
+    reference = GRPOTrainer(
+        tiny_model,
+        length_reward,
+        args=trainer_args(tmp_path / "trl", config_class=GRPOConfig),
+        train_dataset=prompt_dataset(),
+    )
+    start = snapshot(reference.model)
+    reference.train()
+    assert changed(start, reference.model)
+    off = BranchingGRPOTrainer(
+        tiny_model,
+        length_reward,
+        args=trainer_args(tmp_path / "off", config_class=BranchingGRPOConfig, branching=False),
+        train_dataset=prompt_dataset(),
+    )
+    off.train()
+    expected, got = snapshot(reference.model), snapshot(off.model)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert not any(k.startswith("branching/") for entry in off.state.log_history for k in entry)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(branching_roots=4), r"branching_roots must be an int in \[1, 3\]; got 4"),
+        (dict(branching_roots=0), r"branching_roots must be an int in \[1, 3\]"),
+        (dict(branching_roots=1, branching_per_fork=2), "do not add up to whole forks of branching_per_fork=2"),
+        (dict(branching_score="logit"), "branching_score must be one of 'entropy', 'surprisal'"),
+        (dict(branching_advantage="vine"), "branching_advantage must be one of 'group', 'tree'"),
+        (dict(branching_tree_weighting="log"), "branching_tree_weighting must be one of 'none', 'sqrt'"),
+        (dict(branching_min_distance=0), r"branching_min_distance must be an int >= 1"),
+        (dict(branching_answer_marker=""), "branching_answer_marker must be a non-empty string or None"),
+        (dict(branching_advantage="tree", loss_type="vespo"), "branching_advantage='tree' gives per-token"),
+    ],
+)
+def test_bad_branching_settings_are_refused_at_construction(tmp_path, overrides, message):
+    settings = {"branching": True, "branching_roots": M, "num_generations": G, **overrides}
+    for config in (BranchingGRPOConfig, ForkingGRPOConfig):
+        with pytest.raises(ValueError, match=message):
+            trainer_args(tmp_path, config_class=config, **settings)
+
+
+def test_each_process_must_grow_whole_groups(tmp_path):
+    # with 2 processes and per_device_train_batch_size=6, a group of 4 would span both (TRL checks only the total)
+    for config in (BranchingGRPOConfig, ForkingGRPOConfig):
+        args = trainer_args(tmp_path, config_class=config, branching=True, num_generations=G)
+        args.per_device_train_batch_size = 6
+        with pytest.raises(ValueError, match=r"6 \* 1 = 6\) must be a multiple of num_generations \(4\)"):
+            args.validate()
+
+
+def test_unsupported_generation_setups_are_refused_by_the_trainer(tiny_model, tmp_path):
+    def lookup(x: int) -> int:
+        """Look a number up.
+
+        Args:
+            x: the number.
+        """
+        return x
+
+    args = trainer_args(tmp_path, config_class=BranchingGRPOConfig, branching=True, num_generations=G)
+    with pytest.raises(ValueError, match="branching=True does not support tools"):
+        BranchingGRPOTrainer(tiny_model, length_reward, args=args, train_dataset=prompt_dataset(), tools=[lookup])
+    with pytest.raises(ValueError, match="branching=True does not support rollout_func"):
+        BranchingGRPOTrainer(
+            tiny_model, length_reward, args=args, train_dataset=prompt_dataset(), rollout_func=lambda p, t: {}
+        )
+    other = trainer_args(tmp_path, config_class=ForkingGRPOConfig, branching=True, num_generations=G)
+    from forking_trl import DynamicSamplingGRPOTrainer
+
+    with pytest.raises(ValueError, match=r"DynamicSamplingGRPOTrainer does not implement branching=True"):
+        DynamicSamplingGRPOTrainer(tiny_model, length_reward, args=other, train_dataset=prompt_dataset())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scope", ["micro_batch", "batch"])
+def test_the_forking_selection_sees_only_the_tokens_in_the_loss(tiny_model, tmp_path, scope):
+    trainer = branching_trainer(
+        tiny_model, tmp_path, ForkingGRPOTrainer, forking_mode="top", forking_ratio=0.3, forking_scope=scope
+    )
+    seen, select = [], trainer._select_and_record
+
+    def record(entropies, mask, completion_ids):
+        keep, scale = select(entropies, mask, completion_ids)
+        seen.append((keep, mask))
+        return keep, scale
+
+    trainer._select_and_record = record
+    trainer.train()
+    assert seen and all(not (keep & ~mask.bool()).any() for keep, mask in seen)
+    assert any((mask == 0).any() for _, mask in seen)  # the copied prefixes were masked out of the selection
+    assert logged(trainer, "branching/forks_per_root") and logged(trainer, "forking/kept_fraction")
+
+
+@pytest.mark.slow
+def test_branching_composes_with_dynamic_sampling_an_entropy_method_and_tree_credit(tiny_model, tmp_path):
+    trainer = branching_trainer(
+        tiny_model,
+        tmp_path,
+        ForkingGRPOTrainer,
+        reward=half_constant_reward,
+        dynamic_sampling=True,
+        branching_advantage="tree",
+        entropy_method="kl_cov",
+        loss_type="dapo",
+        steps_per_generation=2,
+        gradient_accumulation_steps=1,
+        max_steps=3,
+    )
+    spy = AdvantageSpy(trainer)
+    trainer.train()
+    for numbers, advantages in spy.seen:  # only informative groups (odd prompts), per-token advantages
+        assert all(n % 2 == 1 for n in numbers) and isinstance(advantages[0], list)
+    assert logged(trainer, "dynamic_sampling/rounds") and logged(trainer, "branching/distinct_answers")
+    assert max(logged(trainer, "kl_cov/penalty")) > 0
+
+
+@pytest.mark.slow
+def test_branching_resumes_from_a_checkpoint_and_records_its_fields(tiny_model, tmp_path):
+    import json
+
+    kwargs = dict(max_steps=2, save_strategy="steps", save_steps=1)
+    branching_trainer(tiny_model, tmp_path, ForkingGRPOTrainer, **kwargs).train()
+    saved = json.loads((tmp_path / "checkpoint-1" / "forking_state.json").read_text())
+    assert saved["branching"] is True and saved["branching_roots"] == M
+    resumed = branching_trainer(tiny_model, tmp_path, ForkingGRPOTrainer, **{**kwargs, "max_steps": 3})
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 3 and len(logged(resumed, "branching/forks_per_root")) >= 1
+
+
+@pytest.mark.slow
+def test_lora_with_branching_trains_only_adapter_weights(tiny_model, tmp_path):
+    from peft import LoraConfig
+
+    args = trainer_args(tmp_path, config_class=BranchingGRPOConfig, num_generations=G, learning_rate=5e-2)
+    trainer = BranchingGRPOTrainer(
+        tiny_model,
+        length_reward,
+        args=args,
+        train_dataset=prompt_dataset(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    before = snapshot(trainer.model)
+    trainer.train()
+    moved = changed(before, trainer.model)
+    assert moved and all("lora_" in name for name in moved) and logged(trainer, "branching/forks_per_root")
+
+
+SCRIPT = __import__("pathlib").Path(__file__).resolve().parent / "scripts" / "train_branching.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer_kind, advantage", [("plain", "group"), ("forking", "tree")])
+def test_two_processes_branch_their_own_groups(tiny_model, tmp_path, trainer_kind, advantage):
+    records = launch(
+        tmp_path,
+        ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+        + ["--dynamo_backend", "no"],
+        ["--model", tiny_model, "--output_dir", str(tmp_path), "--trainer", trainer_kind, "--advantage", advantage],
+        {"ACCELERATE_USE_CPU": "true"},
+        script=SCRIPT,
+    )
+    assert len(records) == 2 and all(r["world_size"] == 2 and r["steps"] == 2 and r["changed"] for r in records)
+    for record in records:
+        assert record["rounds"]
+        for round_ in record["rounds"]:
+            completions, prefix = round_["completions"], round_["prefix"]
+            for g, parents in enumerate(round_["parents"]):
+                for i in range(M, G):
+                    row, root = g * G + i, g * G + parents[i]
+                    assert completions[row][: prefix[row]] == completions[root][: prefix[row]]
+    assert records[0]["metrics"] == records[1]["metrics"]  # reduced over both processes: the same numbers
+    assert records[0]["rounds"][0]["completions"] != records[1]["rounds"][0]["completions"]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_with_branching_on_cpu(tiny_model, tmp_path):
+    pytest.importorskip("deepspeed")
+    config = __import__("pathlib").Path(__file__).resolve().parents[1] / "accelerate_configs" / "zero3.yaml"
+    records = launch(
+        tmp_path,
+        ["--config_file", str(config), "--num_processes", "1", "--mixed_precision", "no"],
+        ["--model", tiny_model, "--output_dir", str(tmp_path), "--trainer", "forking", "--max_steps", "1"],
+        {"DS_ACCELERATOR": "cpu"},
+        script=SCRIPT,
+    )
+    assert records and records[0]["deepspeed"] and records[0]["steps"] == 1 and records[0]["rounds"]
