@@ -208,3 +208,42 @@ def test_kl_cov_term_is_normalised_exactly_as_trl_normalises_the_loss(tiny_model
                 trl_loss = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
                 ours = trainer._aggregate_like_trl(torch.full(mask.shape, -0.75), mask, inputs)
             torch.testing.assert_close(ours, trl_loss, msg=f"{loss_type}, training={training}")
+
+
+def test_branching_hooks():
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    # every backend passes through _generate_single_turn(prompt_ids, ...) -> (completion_ids, logprobs)
+    params = list(inspect.signature(GRPOTrainer._generate_single_turn).parameters)
+    assert params == ["self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images"]
+    single = source(GRPOTrainer._generate_single_turn)
+    assert "self.vllm_generation.generate(" in single and "num_generations=num_generations" in single
+    assert "generation_config=self.generation_config" in single and "return completion_ids, logprobs" in single
+    # the length limit of a call: vLLM reads its own attribute, transformers the generation config
+    assert "max_completion_length = self.max_completion_length" in source(VLLMGeneration.generate)
+    assert '"max_new_tokens": self.max_completion_length' in source(GRPOTrainer.__init__)
+    # _generate calls it once (no tools) and returns TRL's per-token loss mask third
+    gen = source(GRPOTrainer._generate)
+    assert "completion_ids, logprobs = self._generate_single_turn(" in gen
+    assert (
+        "return prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images" in gen
+    )
+    score = source(GRPOTrainer._generate_and_score_completions)
+    assert "tool_mask_list,\n            completions," in score and ") = self._generate(prompts)" in score
+    assert "loss_mask = completion_mask if tool_mask is None else completion_mask * tool_mask" in score
+    assert 'output["tool_mask"] = tool_mask' in score
+    # (B, T) advantages from a subclass are taken as they are; the loss mask includes the tool mask
+    loss = source(GRPOTrainer._compute_loss)
+    assert "if advantages.dim() == 1:\n            advantages = advantages.unsqueeze(1)" in loss
+    assert 'mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]' in loss
+
+
+def test_branching_mixin_overrides_only_the_hooks_it_names():
+    from forking_trl.branching_trainer import BranchingMixin
+    from forking_trl.extension import TrainerExtension
+
+    hooks = {"__init__", "_generate_single_turn", "_generate", "_calculate_rewards", "_generate_and_score_completions"}
+    for cls, named in ((BranchingMixin, hooks), (TrainerExtension, {"__init__"})):
+        own = {name for name, value in vars(cls).items() if callable(value) or isinstance(value, staticmethod)}
+        assert named <= own
+        assert not {name for name in own - named if hasattr(GRPOTrainer, name)}, cls
