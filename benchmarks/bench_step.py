@@ -11,8 +11,14 @@ Variants (same model, data, seed and batch: 16 completions of 64 tokens per step
   forking_halfconst  ForkingGRPOTrainer, top 0.2, a reward constant for half the prompts (groups with no gradient)
   forking_dynamic  the same with dynamic_sampling=True: those groups are replaced by informative ones (DAPO)
 
-The last two are the cost of dynamic sampling: its generation rounds per optimizer step and its step time against
-the same run without it (`dynamic / halfconst`), and the share of the trained groups that are informative in each.
+  branching        BranchingGRPOTrainer: 2 roots of each group of 4, the other 2 branch from their forks (group credit)
+  branching_tree   the same with TreeRL's tree advantages
+
+`forking_halfconst` and `forking_dynamic` are the cost of dynamic sampling: its generation rounds per optimizer step
+and its step time against the same run without it (`dynamic / halfconst`), and the share of the trained groups that
+are informative in each. `branching` and `branching_tree` against `grpo` (independent sampling at the same G = 4):
+the tokens sampled per step (a branch does not sample its copied prefix) and the step time (it adds a scoring
+forward over the roots and a second generation call).
 
 Each run is its own child process (so its peak resident memory is its own), the variants alternate within each
 round, and the figure is the median over rounds of each run's median `step_time` (TRL's metric: generation,
@@ -31,7 +37,10 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("grpo", "grpo_quantile", "forking", "forking_batch", "forking_halfconst", "forking_dynamic")
+VARIANTS = (
+    *("grpo", "grpo_quantile", "forking", "forking_batch", "forking_halfconst", "forking_dynamic"),
+    *("branching", "branching_tree"),
+)
 
 
 def child(variant: str, model: str, steps: int, output_dir: str) -> None:
@@ -39,7 +48,7 @@ def child(variant: str, model: str, steps: int, output_dir: str) -> None:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from forking_trl import ForkingGRPOConfig, ForkingGRPOTrainer
+    from forking_trl import BranchingGRPOConfig, BranchingGRPOTrainer, ForkingGRPOConfig, ForkingGRPOTrainer
 
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}]} for i in range(64)])
 
@@ -59,6 +68,10 @@ def child(variant: str, model: str, steps: int, output_dir: str) -> None:
         trainer = GRPOTrainer(model, reward, args=GRPOConfig(**common), train_dataset=data)
     elif variant == "grpo_quantile":
         trainer = GRPOTrainer(model, reward, args=GRPOConfig(top_entropy_quantile=0.2, **common), train_dataset=data)
+    elif variant.startswith("branching"):
+        credit = "tree" if variant == "branching_tree" else "group"
+        args = BranchingGRPOConfig(branching_roots=2, branching_advantage=credit, **common)
+        trainer = BranchingGRPOTrainer(model, reward, args=args, train_dataset=data)
     else:
         scope = "batch" if variant == "forking_batch" else "micro_batch"
         dynamic = variant == "forking_dynamic"
@@ -93,7 +106,10 @@ def child(variant: str, model: str, steps: int, output_dir: str) -> None:
         informative = [1 - e[key] for e in history if key in e]
     else:
         informative = [1 - e["frac_reward_zero_std"] for e in history if "frac_reward_zero_std" in e]
-    print(json.dumps({"step_time": statistics.median(times[1:]), "peak_mib": peak,
+    lengths = [e["completions/mean_length"] for e in history if "completions/mean_length" in e]
+    share = [e["branching/generated_tokens_ratio"] for e in history if "branching/generated_tokens_ratio" in e]
+    sampled = statistics.mean(length * 16 * (s if share else 1.0) for length, s in zip(lengths, share or lengths))
+    print(json.dumps({"step_time": statistics.median(times[1:]), "peak_mib": peak, "sampled_tokens": sampled,
                       "selection_share": spent[0] / sum(times), "rounds": statistics.mean(rounds),
                       "informative": statistics.mean(informative)}))
 
@@ -141,7 +157,7 @@ def main():
         t = statistics.median(x["step_time"] for x in results[variant])
         peak = max(x["peak_mib"] for x in results[variant])
         share = statistics.median(x["selection_share"] for x in results[variant])
-        shown = f"{100 * share:.2f}%" if variant != "grpo" else "-"
+        shown = f"{100 * share:.2f}%" if variant != "grpo" and not variant.startswith("branching") else "-"
         print(f"{variant:>18}{t:>10.3f}{t / base:>8.3f}x{peak:>10,.0f}{shown:>25}")
     print("selection share: time inside the selection hook (forking_batch: and its extra forward) / step time")
 
@@ -153,6 +169,15 @@ def main():
         rounds = statistics.mean(x["rounds"] for x in results[variant])
         informative = statistics.mean(x["informative"] for x in results[variant])
         print(f"{variant:>18}{rounds:>15.2f}{t:>10.3f}{t / half:>11.3f}x{100 * informative:>27.0f}%")
+
+
+    grpo_tokens = statistics.mean(x["sampled_tokens"] for x in results["grpo"])
+    print("\nBranching rollouts against independent sampling (grpo), G = 4 completions per prompt (same run):")
+    print(f"{'variant':>18}{'tokens sampled / step':>23}{'vs grpo':>9}{'s / step':>10}{'vs grpo':>9}")
+    for variant in ("grpo", "branching", "branching_tree"):
+        tokens = statistics.mean(x["sampled_tokens"] for x in results[variant])
+        t = statistics.median(x["step_time"] for x in results[variant])
+        print(f"{variant:>18}{tokens:>23,.0f}{tokens / grpo_tokens:>8.3f}x{t:>10.3f}{t / base:>8.3f}x")
 
 
 if __name__ == "__main__":

@@ -168,6 +168,9 @@ def test_step_benchmark_quick_mode():
     # the last table: rounds, step time and informative share of the trained groups
     dynamic = [line for line in out.splitlines() if line.strip().startswith("forking_dynamic")][-1]
     assert dynamic.split()[-1] == "100%"  # with dynamic sampling every trained group is informative
+    # branching against independent sampling: fewer tokens sampled (the copied prefixes are not)
+    branching = [line for line in out.splitlines() if line.strip().startswith("branching ")][-1]
+    assert float(branching.split()[2].rstrip("x")) < 1.0
 
 
 def test_evaluate_pass_at_k_counts_every_sample_drawn():
