@@ -23,7 +23,7 @@ def python_blocks() -> list[str]:
 def test_the_readme_has_the_blocks_this_test_adapts():
     blocks = python_blocks()
     assert len(blocks) >= 2
-    assert sum(HUB_MODEL in block for block in blocks) == 2  # the quickstart and dynamic sampling alone
+    assert sum(HUB_MODEL in block for block in blocks) == 3  # the quickstart, dynamic sampling and branching alone
     assert blocks[0].count('output_dir="out"') == 2  # both statements of the quickstart get the budget
 
 
