@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 
 from forking_trl.ablation import (
@@ -84,6 +86,7 @@ def small_report(values: dict[str, list[float]]) -> dict:
             "greedy": stat(xs),
             "sampled": stat(xs),
             "overlap": stat([0.9] * len(xs)),
+            "below_0.01": stat([0.7] * len(xs)),
             "final_entropy": {"share_below_0.01": stat([0.7] * len(xs))},
             "runs": runs,
         }
@@ -121,30 +124,6 @@ def run_quick(recipe: str, out, *flags: str) -> tuple[dict, str]:
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads((out / "results.json").read_text()), done.stdout
-
-
-@pytest.mark.slow
-def test_quick_runs_every_stage_end_to_end(tmp_path):
-    report, _ = run_quick("ablation_cpu.yaml", tmp_path)
-    report = json.loads((tmp_path / "results.json").read_text())
-    assert {"greedy", "sampled", "k"} <= set(report["start"]["accuracy"])
-    assert "share_below_0.01" in report["start"]["entropy"] and "p80" in report["start"]["entropy"]["percentiles"]
-    assert set(report["arms"]) == {"all", "top", "bottom", "random"}
-    for arm in report["arms"].values():
-        assert arm["seeds"] == [0]
-        run = arm["runs"][0]
-        assert 0 <= run["overlap"]["overlap"] <= 1 and run["history"]
-        assert {"entropy/p50", "entropy/p80", "entropy/p95", "entropy/share_below_0.01"} <= set(run["history"][-1])
-        assert {"p50", "p80", "p95"} <= set(arm["final_entropy"])
-    for name in (
-        "results.md",
-        "accuracy.png",
-        "entropy_training.png",
-        "start_entropy_histogram.png",
-        "start_tokens.html",
-    ):
-        assert (tmp_path / name).stat().st_size > 500, name
-    assert "| top |" in (tmp_path / "results.md").read_text()
 
 
 def test_real_model_recipe_parses_through_the_same_runner():
@@ -243,7 +222,7 @@ def test_pass_at_k_table_verdicts_and_plot(tmp_path):
         runs = report["arms"][arm]["runs"]
         for run, scale in zip(runs, scales):
             run["pass_at_k"] = {"n": 4, "num_problems": 10, "pass_at_k": curve(scale)}
-        from forking_trl.ablation import _pass_at_k_summary
+        from forking_trl.ablation.report import _pass_at_k_summary
 
         report["arms"][arm]["pass_at_k"] = _pass_at_k_summary(runs)
     write_results(report, tmp_path)
@@ -300,7 +279,7 @@ def test_start_model_is_rebuilt_when_its_settings_change(tmp_path, capsys):
 def test_an_interrupted_rebuild_leaves_no_record_of_other_settings(tmp_path, capsys, monkeypatch):
     """Issue 22, finding 2: settings A built, B interrupted during its warm start, A again must rebuild A (it reused
     B's half-built hidden-64 base under A's stale record, silently)."""
-    import forking_trl.ablation as ablation
+    import forking_trl.ablation.start as ablation
 
     def build(hidden):
         ab = AblationArguments(num_train=64, num_eval=4, sft_steps=1, sft_batch_size=4, tiny_hidden_size=hidden)
@@ -353,8 +332,8 @@ def test_the_cpu_recipes_start_from_the_shipped_start_model(recipe, tmp_path, ca
     copied (never warmed up) for their settings, and warmed up here when asked to or when the settings differ."""
     import hashlib
 
-    from forking_trl import ablation
     from forking_trl.ablation import BUNDLED_START_MODEL, make_parser, start_model
+    from forking_trl.ablation import start as ablation
 
     root = Path(__file__).resolve().parents[1]
     ab, _ = make_parser().parse_args_and_config(
@@ -401,33 +380,198 @@ def test_every_field_an_arm_sets_is_validated_and_null_is_unset(tmp_path):
     assert "None" not in run_flags(recipe, False, "all", 0, tmp_path, {"dynamic_sampling_reward": None})
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the runs as jobs (submitit): two at once, resume, a failed run isolated, GPU placement, Slurm, Ctrl-C
+
+
 @pytest.mark.slow
-def test_a_failed_run_leaves_the_others_results_written(tmp_path, monkeypatch, capsys):
-    """Issue 22, finding 6: one run failing killed the others and wrote no results. Now the others finish, results
-    are written from them and name the failed run, and the command fails at the end."""
+def test_jobs_run_two_at_once_resume_and_isolate_a_failed_run(tmp_path, monkeypatch, capsys):
+    """Issue 22 finding 6 and issue 23: the local executor trains two runs at once; a run that fails (here: its
+    start model path broken in its specification, a real failure inside its job) is reported with the end of its
+    log while the others finish, results are written from those and name it, the command fails at the end; the same
+    command again skips the finished runs, and a changed arm retrains that arm only."""
     import forking_trl.ablation as ablation
 
-    launch = ablation._launch
+    make_spec = ablation.run_spec
 
-    def failing_for_bad(arm, seed, ab, argv, out, model_path, start_file):
-        if arm != "bad":
-            return launch(arm, seed, ab, argv, out, model_path, start_file)
-        run_dir = out / "runs" / f"{arm}-seed{seed}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with (run_dir / "log.txt").open("w") as log:
-            code = "print('CUDA out of memory (pretend)'); raise SystemExit(3)"
-            process = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
-        return process, run_dir / "result.json"
+    def broken_for_bad(ab, argv, arm, seed, out, start_model, checksum):
+        spec = make_spec(ab, argv, arm, seed, out, start_model, checksum)
+        return {**spec, "start_model": str(tmp_path / "no-such-model")} if arm == "bad" else spec
 
-    monkeypatch.setattr(ablation, "_launch", failing_for_bad)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    argv = ["--config", str(ROOT / "examples/recipes/ablation_cpu.yaml"), "--quick", "true"]
-    argv += ["--output_dir", str(tmp_path), "--arms", "bad", "all", "--arm_configs", '{"bad": {}}']
-    with pytest.raises(ablation.RunsFailed, match=r"1 of 2 runs failed: bad seed 0 \(exit 3"):
-        ablation.run_ablation(argv)
-    report = json.loads((tmp_path / "results.json").read_text())
-    assert list(report["arms"]) == ["all"] and report["arms"]["all"]["runs"][0]["seed"] == 0
-    assert [(f["arm"], f["seed"], f["exit"]) for f in report["failed_runs"]] == [("bad", 0, 3)]
+    monkeypatch.setattr(ablation, "run_spec", broken_for_bad)
+    argv = ["--config", str(ROOT / "examples/recipes/ablation_cpu.yaml"), "--quick", "true", "--parallel", "2"]
+    argv += ["--output_dir", str(tmp_path), "--arms", "all", "top", "bad"]
+    configs = {"bad": {}, "top": {"forking_mode": "top", "forking_ratio": 0.2}}
+
+    def run(configs):
+        with pytest.raises(ablation.RunsFailed, match=r"1 of 3 runs failed: bad seed 0"):
+            ablation.run_ablation([*argv, "--arm_configs", json.dumps(configs)])
+        return json.loads((tmp_path / "results.json").read_text()), capsys.readouterr()
+
+    report, seen = run(configs)
+    assert list(report["arms"]) == ["all", "top"] and [f["arm"] for f in report["failed_runs"]] == ["bad"]
+    assert {"greedy", "sampled", "k"} <= set(report["start"]["accuracy"]) and "| top |" in (
+        tmp_path / "results.md"
+    ).read_text()
+    assert "no-such-model" in seen.out + seen.err  # the end of the failed job's log
     assert "Runs that failed" in (tmp_path / "results.md").read_text()
-    seen = capsys.readouterr()
-    assert "CUDA out of memory (pretend)" in seen.out + seen.err  # the failed run's log tail is shown
+    for name in ("results.md", "accuracy.png", "entropy_training.png", "start_entropy_histogram.png"):
+        assert (tmp_path / name).stat().st_size > 500, name
+    runs = {arm: report["arms"][arm]["runs"][0] for arm in ("all", "top")}
+    assert runs["all"]["train_started"] < runs["top"]["train_finished"]  # trained at the same time
+    assert runs["top"]["train_started"] < runs["all"]["train_finished"]
+    assert {"entropy/p50", "entropy/share_below_0.01"} <= set(runs["top"]["history"][-1])
+
+    again, seen = run(configs)  # the same command: the finished runs are not trained again
+    assert "resume: 2 of 3 runs already have a result" in seen.out
+    assert again["arms"]["top"]["runs"][0]["train_started"] == runs["top"]["train_started"]
+
+    changed, seen = run({**configs, "top": {"forking_mode": "top", "forking_ratio": 0.5}})  # top changed
+    assert "resume: 1 of 3 runs already have a result" in seen.out
+    assert changed["arms"]["all"]["runs"][0]["train_started"] == runs["all"]["train_started"]
+    assert changed["arms"]["top"]["runs"][0]["train_started"] > runs["top"]["train_finished"]  # retrained
+
+
+class FakeJob:
+    def __init__(self, spec, done_after=0):
+        self.spec, self.polls, self.done_after, self.cancelled = spec, 0, done_after, False
+
+    def done(self):
+        self.polls += 1
+        return self.polls > self.done_after
+
+    def exception(self):
+        return None
+
+    def result(self):
+        return {"arm": self.spec["arm"], "devices": self.spec.get("devices")}
+
+    def cancel(self, check=True):
+        self.cancelled = True
+
+
+class FakeExecutor:
+    """submitit's executor interface as `run_jobs` uses it: parameters, then submit(fn, spec) -> job."""
+
+    def __init__(self, done_after=0):
+        self.parameters, self.submitted, self.done_after = {}, [], done_after
+
+    def update_parameters(self, **kwargs):
+        self.parameters.update(kwargs)
+
+    def submit(self, fn, spec):
+        job = FakeJob({**spec, "devices": self.parameters.get("visible_gpus")}, self.done_after)
+        self.submitted.append(job)
+        return job
+
+
+def job_args(**overrides):
+    return SimpleNamespace(**{"launcher": "local", "rerun": True, "parallel": 2, "processes_per_run": 1, **overrides})
+
+
+def fake_specs(n, tmp_path):
+    return [{"arm": f"a{i}", "seed": 0, "output_dir": str(tmp_path / f"r{i}")} for i in range(n)]
+
+
+def test_local_jobs_are_placed_one_gpu_each_round_robin(tmp_path, monkeypatch):
+    from forking_trl.ablation import jobs
+
+    assert jobs.gpu_slots(0, 1) == [] and jobs.gpu_slots(4, 2) == [(0, 1), (2, 3)]
+    with pytest.raises(ValueError, match="processes_per_run=3 needs as many GPUs; this machine has 2"):
+        jobs.gpu_slots(2, 3)
+    executor = FakeExecutor(done_after=1)
+    monkeypatch.setattr(jobs, "device_count", lambda: 3)
+    monkeypatch.setattr(jobs, "make_executor", lambda ab, folder: executor)
+    monkeypatch.setattr(jobs, "POLL_S", 0.0)
+    outcomes = jobs.run_jobs(fake_specs(5, tmp_path), job_args(parallel=2), tmp_path, None, lambda *a: None)
+    assert [o.result["arm"] for o in outcomes] == ["a0", "a1", "a2", "a3", "a4"]
+    # two at a time on 3 GPUs: never two running jobs on one GPU, every GPU used
+    assert [job.spec["devices"] for job in executor.submitted] == [(0,), (1,), (0,), (1,), (0,)]
+    executor = FakeExecutor(done_after=100)  # none finishes: parallel 4 on 3 GPUs shares the least busy one
+    monkeypatch.setattr(jobs, "make_executor", lambda ab, folder: executor)
+    calls = []
+
+    def interrupt_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs.time, "sleep", interrupt_once)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C: the running jobs are cancelled
+        jobs.run_jobs(fake_specs(6, tmp_path), job_args(parallel=4), tmp_path, None, lambda *a: None)
+    assert [job.spec["devices"] for job in executor.submitted] == [(0,), (1,), (2,), (0,)]
+    assert all(job.cancelled for job in executor.submitted)
+
+
+def test_slurm_submits_one_array_job_with_the_runs_resources(tmp_path, monkeypatch):
+    """As far as it goes without a cluster: a stub `sbatch` on PATH (submitit's own test approach) receives the
+    generated submission for the recipe's resources, one array of all the runs."""
+    from forking_trl.ablation import jobs, runs
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(
+        f'#!/bin/sh\necho "$@" >> {tmp_path}/sbatch_calls\necho "Submitted batch job 4242"\n'
+    )
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")  # submitit checks that it runs on a Slurm login node
+    for name in ("sbatch", "srun"):
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    ab = AblationArguments(
+        launcher="slurm",
+        parallel=3,
+        threads_per_run=4,
+        processes_per_run=2,
+        slurm_partition="gpu",
+        slurm_mem_gb=64,
+        job_timeout_min=240,
+        slurm_additional={"account": "my-lab", "qos": "high"},
+    )
+    executor = jobs.make_executor(ab, tmp_path / "jobs")
+    submitted = jobs.submit_slurm(executor, runs.run_job, fake_specs(5, tmp_path))
+    assert [job.job_id for job in submitted] == [f"4242_{i}" for i in range(5)]
+    (call,) = (tmp_path / "sbatch_calls").read_text().splitlines()
+    script = Path(call.split()[-1]).read_text()
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --gpus-per-node=2",
+        "#SBATCH --cpus-per-task=4",
+        "#SBATCH --mem=64GB",
+        "#SBATCH --time=240",
+        "#SBATCH --array=0-4%3",
+        "#SBATCH --account=my-lab",
+        "#SBATCH --qos=high",
+        "#SBATCH --job-name=forking-trl",
+    ):
+        assert line in script, line
+
+
+def test_launcher_fields_are_validated():
+    with pytest.raises(ValueError, match="launcher must be one of 'local', 'slurm', 'debug'"):
+        AblationArguments(launcher="kubernetes")
+    with pytest.raises(ValueError, match="processes_per_run must be >= 1"):
+        AblationArguments(processes_per_run=0)
+    with pytest.raises(ValueError, match="slurm_additional must be a mapping"):
+        AblationArguments(slurm_additional="{not json")
+    assert AblationArguments(slurm_additional='{"qos": "high"}').slurm_additional == {"qos": "high"}
+    with pytest.raises(ValueError, match="accelerate_config='nope.yaml' is not a file"):
+        AblationArguments(accelerate_config="nope.yaml")
+
+
+def test_a_result_is_reused_only_for_the_same_specification(tmp_path):
+    from forking_trl.ablation import jobs, runs
+
+    identity = {"training": {"seed": 0, "forking_ratio": 0.2}, "experiment": {"num_eval": 24}}
+    spec = {"identity": identity, "threads": 1, "processes": 1, "start_checksum": "abc", "output_dir": str(tmp_path)}
+    assert jobs.cached_result(spec) is None
+    runs.write_result(spec, {"accuracy": 1})
+    assert jobs.cached_result(spec)["accuracy"] == 1
+    changes = (
+        {"start_checksum": "other"},
+        {"identity": {**identity, "training": {"seed": 1, "forking_ratio": 0.2}}},
+        {"identity": {**identity, "experiment": {"num_eval": 25}}},
+        {"threads": 2},
+        {"processes": 2},
+    )
+    for change in changes:
+        assert jobs.cached_result({**spec, **change}) is None, change

@@ -1,0 +1,14 @@
+"""One run of an experiment, in this process: `python -m forking_trl.ablation SPEC.json` (what a run on several
+processes starts under `accelerate launch`); the main process writes the run's `result.json`."""
+
+import json
+import sys
+from pathlib import Path
+
+from .runs import run_arm, write_result
+
+if __name__ == "__main__":
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    result = run_arm(spec)
+    if result is not None:
+        write_result(spec, result)

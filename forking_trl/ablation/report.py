@@ -1,0 +1,336 @@
+"""The report of an experiment: summaries over seeds, `results.md` (tables and verdicts), `results.json`, plots.
+
+Plain functions of the report dict, so that a test can call them on a small hand-made one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _top_threshold(scored) -> float:
+    import torch
+
+    from ..selection import forking_mask
+
+    values = torch.tensor([h for s in scored for h in s.entropies])
+    return float(values[forking_mask(values, torch.ones_like(values, dtype=torch.bool), ratio=0.2)].min())
+
+
+def _start_line(start: dict) -> str:
+    acc, ent = start["accuracy"], start["entropy"]
+    p = ent["percentiles"]
+    return (
+        f"start: greedy {100 * acc['greedy']:.1f}%, avg@{acc['k']} {100 * acc['sampled']:.1f}%; "
+        f"{100 * ent['share_below_0.01']:.1f}% of tokens below 0.01 nats; p50 {p['p50']:.3f}, p80 {p['p80']:.3f}, "
+        f"p95 {p['p95']:.3f} nats"
+    )
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One number per run, summarised over seeds per arm: a column of the table (with the gain over the start model
+    when the start has it), a verdict against `all`, a panel of `accuracy.png`. A new measure is one entry of
+    `MEASURES`, and it shows up in all three."""
+
+    key: str  # in each arm's summary
+    header: str  # the table's column ("{k}": the avg@k sample count)
+    of_run: Callable[[dict], float | None]  # from one run's result
+    of_start: Callable[[dict], float | None] | None = None  # from the start model's measurement: a gain column
+    verdict: str | None = None  # its name in the verdicts (None: no verdict)
+    plot: str | None = None  # its panel's title in accuracy.png (None: no panel)
+
+
+MEASURES = (
+    Measure(
+        "greedy",
+        "greedy %",
+        lambda r: r["accuracy"]["greedy"],
+        lambda s: s["accuracy"]["greedy"],
+        verdict="greedy",
+        plot="greedy",
+    ),
+    Measure(
+        "sampled",
+        "avg@{k} %",
+        lambda r: r["accuracy"]["sampled"],
+        lambda s: s["accuracy"]["sampled"],
+        verdict="avg@k",
+        plot="avg@{k} at T = 1",
+    ),
+    Measure("overlap", "overlap %", lambda r: r["overlap"]["overlap"]),
+    Measure("below_0.01", "tokens < 0.01 nats after %", lambda r: r["entropy"]["share_below_0.01"]),
+)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A measure at several k (pass@k, ...): a table of its own with the start model's row, verdicts at the first and
+    the last k, a plot against k. `of_run` gives `{"n", "num_problems", <values_key>: {k: value}}` or None."""
+
+    key: str  # in each arm's summary, and the result key of each run and of the start
+    values_key: str
+    label: str  # "pass@{k}"
+    description: str  # the table's caption
+
+
+CURVES = (
+    Curve(
+        "pass_at_k",
+        "pass_at_k",
+        "pass@{k}",
+        "pass@k at T = 1 on {num_problems} held-out problems, {n} samples each (unbiased estimator), mean ± standard "
+        "deviation over seeds:",
+    ),
+)
+
+
+def _mean_std(values: list[float]) -> dict:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    mean = statistics.fmean(finite) if finite else math.nan
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(finite), "values": values}
+
+
+def _arm_summary(runs: list[dict]) -> dict:
+    runs = sorted(runs, key=lambda r: r["seed"])
+    return {
+        "seeds": [r["seed"] for r in runs],
+        **{m.key: _mean_std([m.of_run(r) for r in runs]) for m in MEASURES},
+        **{c.key: _curve_summary(runs, c) for c in CURVES if c.key in runs[0]},
+        "final_entropy": {
+            "share_below_0.01": _mean_std([r["entropy"]["share_below_0.01"] for r in runs]),
+            **{q: _mean_std([r["entropy"]["percentiles"][q] for r in runs]) for q in ("p50", "p80", "p95")},
+        },
+        "runs": runs,
+    }
+
+
+def _curve_summary(runs: list[dict], curve: Curve) -> dict:
+    ks = runs[0][curve.key][curve.values_key]
+    return {k: _mean_std([r[curve.key][curve.values_key][k] for r in runs]) for k in ks}
+
+
+def _pass_at_k_summary(runs: list[dict]) -> dict:
+    return _curve_summary(runs, CURVES[0])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# outputs: plain functions of the report (a test calls them on a small one)
+
+
+def write_results(report: dict, out: Path) -> None:
+    """results.json, results.md, accuracy.png, entropy_training.png, and a plot per curve the start has."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(results_markdown(report))
+    plot_accuracy(report, out / "accuracy.png")
+    plot_entropy_training(report, out / "entropy_training.png")
+    for curve in CURVES:
+        if curve.key in report["start"]:
+            plot_curve(report, curve, out / f"{curve.key}.png")
+
+
+def _pct(stat: dict) -> str:
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def results_markdown(report: dict) -> str:
+    start, arms = report["start"], report["arms"]
+    k = start["accuracy"]["k"]
+    n_seeds = max((a["greedy"]["n"] for a in arms.values()), default=0)
+    header, rule = ["arm"], ["---"]
+    for m in MEASURES:
+        header.append(m.header.format(k=k))
+        rule.append("---:")
+        if m.of_start is not None:
+            header.append("gain")
+            rule.append("---:")
+    lines = [
+        "# Forking-token ablation",
+        "",
+        f"Command: `{report['command']}`; {report.get('wall_seconds', 0) / 60:.1f} min.",
+        "",
+        _start_line(start) + ".",
+        "",
+        f"Held-out accuracy after training, mean ± standard deviation over {n_seeds} seed(s); gain in points over the "
+        "start model. Overlap: share of the start model's top-20% entropy positions that are top-20% for the trained "
+        "model on the same completions.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(rule) + "|",
+    ]
+    for arm, a in arms.items():
+        cells = [arm]
+        for m in MEASURES:
+            cells.append(_pct(a[m.key]))
+            if m.of_start is not None:
+                cells.append(f"{100 * (a[m.key]['mean'] - m.of_start(start)):+.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    for curve in CURVES:
+        if curve.key not in start:
+            continue
+        p = start[curve.key]
+        ks = list(p[curve.values_key])
+        lines += [
+            "",
+            curve.description.format(**p),
+            "",
+            "| model | " + " | ".join(f"{curve.label.format(k=k)} %" for k in ks) + " |",
+            "|---|" + "---:|" * len(ks),
+            "| start | " + " | ".join(f"{100 * p[curve.values_key][k]:.1f}" for k in ks) + " |",
+        ]
+        for arm, a in arms.items():
+            lines.append(f"| {arm} | " + " | ".join(_pct(a[curve.key][k]) for k in ks) + " |")
+    lines += ["", *verdicts(report), ""]
+    if report.get("failed_runs"):
+        lines += ["## Runs that failed (not in the tables above)", ""]
+        for f in report["failed_runs"]:
+            lines.append(f"- {f['arm']} seed {f['seed']}: {f.get('error') or 'exit ' + str(f.get('exit'))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def verdicts(report: dict) -> list[str]:
+    """Plain sentences: does each arm differ from `all` by more than the seed spread (two standard errors of the
+    difference of the means), in each measure with a verdict (`MEASURES`) and in each curve at its first and last k?"""
+    arms = report["arms"]
+    if "all" not in arms:
+        return ["No `all` arm to compare with."]
+    out = []
+    measures = [((m.key,), m.verdict) for m in MEASURES if m.verdict]
+    for curve in CURVES:
+        if curve.key in arms["all"]:
+            ks = list(arms["all"][curve.key])
+            measures += [((curve.key, k), curve.label.format(k=k)) for k in dict.fromkeys([ks[0], ks[-1]])]
+    for arm, a in arms.items():
+        if arm == "all":
+            continue
+        parts = []
+        for path, name in measures:
+            s, base = _lookup(a, path), _lookup(arms["all"], path)
+            diff = 100 * (s["mean"] - base["mean"])
+            if min(s["n"], base["n"]) < 2:
+                parts.append(f"{name} {diff:+.1f} points (one seed: no spread to judge it by)")
+                continue
+            se2 = 200 * math.sqrt(s["std"] ** 2 / s["n"] + base["std"] ** 2 / base["n"])
+            verdict = "exceeds the seed spread" if abs(diff) > se2 else "within the seed spread"
+            parts.append(f"{name} {diff:+.1f} points (two standard errors {se2:.1f}: {verdict})")
+        out.append(f"- {arm} vs all: " + "; ".join(parts) + ".")
+    return out
+
+
+def _lookup(d: dict, path: tuple):
+    for key in path:
+        d = d[key]
+    return d
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(report: dict, path: Path) -> None:
+    """A panel per plotted measure (`MEASURES`): each seed a dot, the mean a bar with ± std, the start model a line."""
+    plt = _pyplot()
+    arms, start = report["arms"], report["start"]
+    k = start["accuracy"]["k"]
+    panels = [m for m in MEASURES if m.plot]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=True, squeeze=False)
+    for ax, m in zip(axes[0], panels):
+        for i, (arm, a) in enumerate(arms.items()):
+            stat = a[m.key]
+            ax.bar(i, 100 * stat["mean"], yerr=100 * stat["std"], color=f"C{i}", alpha=0.5, capsize=4)
+            values = [100 * v for v in stat["values"] if v is not None]
+            ax.scatter([i] * len(values), values, color=f"C{i}", zorder=3, s=14)
+        if m.of_start is not None:
+            ax.axhline(100 * m.of_start(start), color="gray", linestyle="--", linewidth=1, label="start model")
+            ax.legend(loc="lower right")
+        ax.set_xticks(range(len(arms)), list(arms))
+        ax.set(title=f"Held-out, {m.plot.format(k=k)}", ylabel="%")
+    fig.suptitle("Policy gradient on which tokens? (dots: seeds; bars: mean ± std)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curve(report: dict, curve: Curve, path: Path) -> None:
+    """The curve against k per arm (line: mean over seeds; band: min to max), the start model dashed."""
+    plt = _pyplot()
+    start = report["start"][curve.key]
+    ks = list(start[curve.values_key])
+    x = [int(k) for k in ks]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(x, [100 * start[curve.values_key][k] for k in ks], color="gray", linestyle="--", marker="o", label="start")
+    for i, (arm, a) in enumerate(report["arms"].items()):
+        stats = [a[curve.key][k] for k in ks]
+        ax.plot(x, [100 * s["mean"] for s in stats], color=f"C{i}", marker="o", markersize=3, label=arm)
+        low = [100 * min(v for v in s["values"] if v is not None) for s in stats]
+        high = [100 * max(v for v in s["values"] if v is not None) for s in stats]
+        ax.fill_between(x, low, high, color=f"C{i}", alpha=0.12)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, ks)
+    label = curve.label.format(k="k")
+    ax.set(
+        xlabel="k (samples drawn)",
+        ylabel=f"{label}, % of problems",
+        title=f"{label} at T = 1, {start['num_problems']} held-out problems, n = {start['n']}",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_pass_at_k(report: dict, path: Path) -> None:
+    plot_curve(report, CURVES[0], path)
+
+
+def _rolling(values: list[float], window: int = 10) -> list[float]:
+    return [statistics.fmean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+def plot_entropy_training(report: dict, path: Path) -> None:
+    """Entropy over training per arm (mean over seeds, band: min to max): mean, p80, and share below 0.01 nats."""
+    plt = _pyplot()
+    panels = [
+        ("entropy", "mean entropy (nats)"),
+        ("entropy/p80", "p80 entropy (nats)"),
+        ("entropy/share_below_0.01", "share of tokens < 0.01 nats"),
+    ]
+    if any("cov/mean" in h for a in report["arms"].values() for r in a["runs"] for h in r["history"]):
+        panels.append(("cov/mean", "cov(log π, A), mean over tokens"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4))
+    for i, (arm, a) in enumerate(report["arms"].items()):
+        for ax, (key, label) in zip(axes, panels):
+            series = [[h[key] for h in r["history"] if key in h] for r in a["runs"]]
+            series = [s for s in series if s]
+            if not series:
+                continue
+            length = min(map(len, series))
+            steps = [h["step"] for h in a["runs"][0]["history"]][:length]
+            rows = [s[:length] for s in series]
+            rows = [_rolling(r) for r in rows]  # (seeds, steps), each a rolling mean over 10 steps
+            mean = [statistics.fmean(col) for col in zip(*rows)]
+            ax.plot(steps, mean, color=f"C{i}", label=arm)
+            low, high = [min(c) for c in zip(*rows)], [max(c) for c in zip(*rows)]
+            ax.fill_between(steps, low, high, color=f"C{i}", alpha=0.15)
+            ax.set(xlabel="optimizer step", ylabel=label)
+    axes[0].legend()
+    fig.suptitle(
+        "Entropy of all completion tokens during training (rolling mean of 10 steps; line: mean over seeds; "
+        "band: min to max)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,212 @@
+"""The data and the start model of an experiment: the task's training and held-out rows, the tiny start model (shipped
+for the CPU recipes' settings, else warm-started here), its checksum, and the measurements every model gets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .arguments import AblationArguments
+
+
+def task_data(ab: AblationArguments) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows), each `prompt` + `solution`; held-out problems never appear in training."""
+    from ..data import load_math_dataset, synthetic_chain
+
+    if ab.task == "chain":
+        train = synthetic_chain(ab.num_train, seed=1, max_operand=ab.max_operand)
+        seen = {r["prompt"][0]["content"] for r in train}
+        pool = synthetic_chain(20 * ab.num_eval, seed=2, max_operand=ab.max_operand)
+        held = [r for r in pool if r["prompt"][0]["content"] not in seen][: ab.num_eval]
+        return train, held
+    train = list(load_math_dataset(ab.task, limit=ab.num_train))
+    seen = {json.dumps(r["prompt"]) for r in train}
+    pool = load_math_dataset(ab.eval_dataset)
+    if ab.num_eval < len(pool):
+        pool = pool.shuffle(seed=1)  # the order `limit` would give
+    held, dropped = [], 0
+    for row in pool:  # one pass, stopping once num_eval unseen problems are found
+        if json.dumps(row["prompt"]) in seen:
+            dropped += 1
+        else:
+            held.append(row)
+            if len(held) == ab.num_eval:
+                break
+    if not held:
+        raise ValueError(
+            f"no held-out problem is left: every problem of eval_dataset={ab.eval_dataset!r} is in the training set "
+            f"(task={ab.task!r}, num_train={ab.num_train}). Hold out another set, or lower num_train."
+        )
+    if dropped:
+        print(
+            f"held-out set: dropped {dropped} problem(s) of {ab.eval_dataset!r} that are in the training set; "
+            f"{len(held)} remain",
+            flush=True,
+        )
+    return train, held
+
+
+def sft_warm_start(base: Path, out: Path, rows: list[dict], *, steps: int, lr: float, batch_size: int, seed: int):
+    """Supervised warm start on worked solutions (loss on the completion tokens only); reused when `out` exists.
+
+    Runs in one torch thread whatever the caller's setting: how a CPU kernel splits its work over threads changes
+    the last bits of its sums, and 800 steps turn those into another start model (3 threads differed from 1 here).
+    """
+    from ..tiny import torch_threads
+
+    if (out / "config.json").exists():
+        return out
+    with torch_threads(1):
+        _warm_start(base, out, rows, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    return out
+
+
+def _warm_start(base: Path, out: Path, rows: list[dict], *, steps: int, lr: float, batch_size: int, seed: int):
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    pad = tokenizer.pad_token_id
+    for step in tqdm(range(steps), desc="warm start (SFT)"):
+        ids, labels = [], []
+        for row in rows[(step * batch_size) % len(rows) :][:batch_size]:
+            prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+            p = tokenizer(prompt, add_special_tokens=False).input_ids
+            c = tokenizer(row["completion"] + tokenizer.eos_token, add_special_tokens=False).input_ids
+            ids.append(p + c)
+            labels.append([-100] * len(p) + c)
+        width = max(map(len, ids))
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])  # (B, L) right-padded
+        label_ids = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
+        attention = (torch.arange(width)[None] < torch.tensor([len(x) for x in ids])[:, None]).long()
+        model(input_ids=input_ids, attention_mask=attention, labels=label_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# the tiny start model of the recipes' settings (its start-settings.json), built by sft_warm_start on this project's
+# machine: shipped so that every machine starts from the same weights (bundled_data/README.md)
+BUNDLED_START_MODEL = Path(__file__).resolve().parents[1] / "bundled_data" / "start_model"
+# what the tiny start model is built from: recorded beside it, and compared when an output directory is reused
+START_SETTINGS = (
+    *("task", "num_train", "max_operand", "tiny_hidden_size", "tiny_num_layers"),
+    *("sft_steps", "sft_learning_rate", "sft_batch_size"),
+)
+
+
+def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
+    """The start model: `ab.start_model`; or the tiny Qwen3 of `START_SETTINGS`, the shipped one when those are its
+    settings (`ab.bundled_start_model`), else warm-started in `out`. What is in `out` is reused only when it has the
+    same settings and origin (recorded in `out/start-settings.json`); else it is replaced, with a message."""
+    if ab.start_model is not None:
+        return ab.start_model
+    import shutil
+
+    from ..tiny import build_tiny_model
+
+    settings = {name: getattr(ab, name) for name in START_SETTINGS}
+    shipped = ab.bundled_start_model and settings == json.loads(
+        (BUNDLED_START_MODEL / "start-settings.json").read_text()
+    )
+    wanted = {**settings, "origin": "shipped" if shipped else "built here"}
+    record, model = out / "start-settings.json", out / "start-model"
+    made = [out / "start-base", model]
+    saved = json.loads(record.read_text()) if record.exists() else None
+    if saved != wanted:
+        # the record describes only what is on disk: gone before anything is deleted or built, written once the model
+        # is complete (a rebuild interrupted here leaves no record, so the next run rebuilds again)
+        record.unlink(missing_ok=True)
+        if any(p.exists() for p in made):
+            print(
+                f"start model in {out}: made with {saved or 'unrecorded (or unfinished) settings'}, now asked for "
+                f"{wanted}; rebuilding it",
+                flush=True,
+            )
+            for path in made:
+                shutil.rmtree(path, ignore_errors=True)
+    if shipped and not (model / "config.json").exists():
+        shutil.copytree(
+            BUNDLED_START_MODEL, model, ignore=shutil.ignore_patterns("start-settings.json"), dirs_exist_ok=True
+        )
+        print(
+            f"start model: the one shipped for these settings, copied to {model} (the same weights on every "
+            "machine; --bundled_start_model false warms one up here)",
+            flush=True,
+        )
+    elif not shipped:
+        base = build_tiny_model(out / "start-base", hidden_size=ab.tiny_hidden_size, num_layers=ab.tiny_num_layers)
+        sft_warm_start(
+            base, model, train, steps=ab.sft_steps, lr=ab.sft_learning_rate, batch_size=ab.sft_batch_size, seed=0
+        )
+    partial = record.with_suffix(".tmp")
+    partial.write_text(json.dumps(wanted, indent=2))
+    partial.replace(record)  # atomic: a record is whole or absent
+    return str(model)
+
+
+def measure(model_path: str, ab: AblationArguments, held: list[dict], start_samples=None, start_scored=None) -> dict:
+    """Held-out accuracy and entropy pattern of a model; with the start model's samples and entropies, the overlap
+    of its top-20% positions with the start model's (teacher forced on the start model's completions)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..analysis import entropy_summary, overlap_summary, score_entropies
+    from ..evaluation import evaluate, sample_pass_at_k
+
+    torch.manual_seed(1234)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").to(device).eval()
+    ev = evaluate(
+        model, tokenizer, held, k=ab.eval_k, max_new_tokens=ab.eval_max_new_tokens, batch_size=ab.eval_batch_size
+    )
+    scored = score_entropies(model, tokenizer, ev.samples, batch_size=ab.eval_batch_size)
+    summary = entropy_summary(scored)
+    result = {
+        "accuracy": ev.as_dict(),
+        "entropy": {key: summary[key] for key in ("num_tokens", "mean_entropy", "percentiles", "share_below_0.01")},
+    }
+    if ab.pass_k:
+        problems = held[: ab.pass_k_problems or len(held)]
+        result["pass_at_k"] = sample_pass_at_k(
+            model,
+            tokenizer,
+            problems,
+            n=ab.pass_k,
+            max_new_tokens=ab.eval_max_new_tokens,
+            batch_size=ab.eval_batch_size,
+        )
+    if start_samples is not None:
+        on_start = score_entropies(model, tokenizer, start_samples, batch_size=ab.eval_batch_size)
+        overlap = overlap_summary(start_scored, on_start, ratio=0.2)
+        result["overlap"] = {key: overlap[key] for key in ("overlap", "spearman", "num_tokens")}
+    return result, ev, scored
+
+
+WHOLE_FILE_HASH_BYTES = 256 * 2**20  # files up to this size are hashed whole; larger ones by name, size and mtime
+
+
+def model_checksum(path: str) -> str:
+    """A checksum of the start model: of every file of a local directory (those over 256 MiB by name, size and
+    modification time, so that a large model is not read in full), or of the name itself for a Hub id."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    if not root.is_dir():
+        digest.update(f"hub:{path}".encode())
+        return digest.hexdigest()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(root)).encode())
+        size = file.stat().st_size
+        if size <= WHOLE_FILE_HASH_BYTES:
+            digest.update(file.read_bytes())
+        else:
+            digest.update(f"{size}:{file.stat().st_mtime_ns}".encode())
+    return digest.hexdigest()
