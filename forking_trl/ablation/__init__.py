@@ -64,6 +64,55 @@ from .runs import run_arm, run_job, run_spec, write_result
 from .start import BUNDLED_START_MODEL, START_SETTINGS, measure, model_checksum, start_model, sft_warm_start, task_data
 
 
+__all__ = [
+    "ARMS",
+    "ARM_BASE",
+    "AblationArguments",
+    "BUNDLED_START_MODEL",
+    "CURVES",
+    "Curve",
+    "LAUNCHERS",
+    "MEASURES",
+    "Measure",
+    "PAPER_ARMS",
+    "QUICK_FLAGS",
+    "REWARD_NAMES",
+    "RunsFailed",
+    "START_SETTINGS",
+    "TRACKED",
+    "arm_flags",
+    "cached_result",
+    "check_arms",
+    "gpu_slots",
+    "job_environment",
+    "least_busy",
+    "make_executor",
+    "make_parser",
+    "measure",
+    "model_checksum",
+    "parse_run",
+    "plot_accuracy",
+    "plot_curve",
+    "plot_entropy_training",
+    "plot_pass_at_k",
+    "results_markdown",
+    "run_ablation",
+    "run_arm",
+    "run_flags",
+    "run_job",
+    "run_jobs",
+    "run_spec",
+    "sft_warm_start",
+    "spec_key",
+    "start_model",
+    "task_data",
+    "unset_fields",
+    "verdicts",
+    "write_result",
+    "write_results",
+]
+
+
 class RunsFailed(RuntimeError):
     """Some runs failed; the results of those that finished are written (and name the failed ones)."""
 
