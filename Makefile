@@ -34,7 +34,7 @@ endif
 endif
 endif
 
-.PHONY: install demo test bench ablation collapse
+.PHONY: install demo test bench ablation collapse docs docs-serve
 
 install: $(STAMP)
 
@@ -76,3 +76,10 @@ ablation: $(STAMP)
 collapse: $(STAMP)
 	$(PY) examples/ablation.py --config examples/recipes/collapse_cpu.yaml --output_dir outputs/collapse
 	$(PY) examples/ablation.py --config examples/recipes/collapse_unstable_cpu.yaml --output_dir outputs/collapse_unstable
+
+# the manual: an MkDocs site from docs/ (strict: a broken link or a missing page fails), into site/
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve

@@ -172,14 +172,11 @@ def test_arms_are_named_configurations_validated_before_training(tmp_path):
 def test_collapse_recipe_quick_runs_every_entropy_method_pass_at_k_and_a_recipe_arm(tmp_path):
     """`--quick` over the collapse recipe: its six arms (all, top, random and the three methods) plus an arm defined
     on the command line, pass@k for the start model and every run, and the methods' metrics in the histories."""
-    custom = json.dumps(
-        {
-            "top_adv": {"forking_mode": "top", "forking_ratio": 0.2, "entropy_method": "entropy_adv"},
-            "anneal": {"forking_mode": "top", "forking_ratio": 1.0, "forking_ratio_schedule": "linear"}
-            | {"forking_ratio_end": 0.2},
-        }
-    )
-    arms = ["all", "top", "random", "clip_cov", "kl_cov", "entropy_adv", "top_adv", "anneal"]
+    # a recipe arm: the entropy advantage on the top tokens, with rho annealed from 1.0 to 0.2 over the 3 steps
+    top_adv = {"forking_mode": "top", "forking_ratio": 1.0, "entropy_method": "entropy_adv"}
+    top_adv |= {"forking_ratio_schedule": "linear", "forking_ratio_end": 0.2}
+    custom = json.dumps({"top_adv": top_adv})
+    arms = ["all", "top", "random", "clip_cov", "kl_cov", "entropy_adv", "top_adv"]
     report, stdout = run_quick(
         "collapse_cpu.yaml",
         tmp_path,
@@ -187,11 +184,7 @@ def test_collapse_recipe_quick_runs_every_entropy_method_pass_at_k_and_a_recipe_
         *("--clip_cov_ratio", "0.05", "--clip_cov_lb", "-1000"),  # so that Clip-Cov acts within 3 steps
     )
     assert list(report["arms"]) == arms
-    assert report["arm_fields"]["top_adv"] == {
-        "forking_mode": "top",
-        "forking_ratio": 0.2,
-        "entropy_method": "entropy_adv",
-    }
+    assert report["arm_fields"]["top_adv"] == top_adv
     assert list(report["start"]["pass_at_k"]["pass_at_k"]) == ["1", "2", "4"]  # --quick: n = 4
     for arm in arms:
         assert set(report["arms"][arm]["pass_at_k"]) == {"1", "2", "4"}
@@ -204,7 +197,7 @@ def test_collapse_recipe_quick_runs_every_entropy_method_pass_at_k_and_a_recipe_
     assert max(seen("kl_cov", "kl_cov/penalized_fraction")) > 0  # steps_per_generation 2: off-policy, no note
     assert "KL-Cov on a fully on-policy recipe" not in stdout
     assert max(seen("entropy_adv", "entropy_adv/shaping")) > 0 and max(seen("top_adv", "entropy_adv/shaping")) > 0
-    ratios = seen("anneal", "forking/ratio")  # the schedule as an arm: 1.0, 0.6, 0.2 over the 3 steps
+    ratios = seen("top_adv", "forking/ratio")  # the schedule as an arm: 1.0, 0.6, 0.2 over the 3 steps
     assert ratios[0] == 1.0 and ratios[-1] == pytest.approx(0.2) and ratios == sorted(ratios, reverse=True)
     table = (tmp_path / "results.md").read_text()
     assert "| kl_cov |" in table and "pass@4 %" in table and "kl_cov vs all" in stdout
