@@ -154,6 +154,19 @@ def pass_at_k_curve(correct: list[int], n: int, ks: list[int] | None = None) -> 
     return {k: sum(pass_at_k(n, c, k) for c in correct) / len(correct) for k in ks}
 
 
+def coverage_at_k(solution_counts: list[int], n: int, k: int) -> float:
+    """Expected number of distinct correct solutions among k of n samples, without bias: a solution seen c times in
+    the n samples is among k of them drawn without replacement with probability 1 − C(n − c, k) / C(n, k) (pass@k's
+    estimator for that solution), and the expectation is the sum over the distinct solutions seen.
+
+    `solution_counts`: how many of the n samples gave each distinct correct solution (their sum is at most n).
+    coverage@1 is the mean accuracy; coverage@n is the number of distinct solutions found.
+    """
+    if sum(solution_counts) > n or any(c < 0 for c in solution_counts):
+        raise ValueError(f"coverage_at_k: counts {solution_counts} must be >= 0 and sum to at most n={n}.")
+    return sum(pass_at_k(n, c, k) for c in solution_counts if c > 0)
+
+
 def count_correct(completions: list[list[str]], golds: list) -> list[int | None]:
     """Per problem, the number of correct completions; None for a problem the verifier cannot grade (no gold)."""
     out = []

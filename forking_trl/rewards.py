@@ -369,7 +369,50 @@ def soft_overlong_punishment(max_completion_length: int, soft_punish_cache: int)
     return get_soft_overlong_punishment(max_completion_length, soft_punish_cache)
 
 
-REWARDS: dict[str, Callable] = {"accuracy": accuracy_reward, "format": format_reward}
+def countdown_answer(text: str) -> str | None:
+    """The equation a Countdown completion answers with: the last `<answer>...</answer>` (TinyZero's format), else
+    the last `\\boxed{...}`; its left side when it is written `expression = target`. Linear in the text."""
+    text = answer_part(text)
+    end = text.rfind("</answer>")
+    if end >= 0:
+        start = text.rfind("<answer>", 0, end)
+        answer = text[start + len("<answer>") : end] if start >= 0 else None
+    else:
+        answer = last_boxed(text)
+    if answer is None:
+        return None
+    return answer.split("=", 1)[0].strip()
+
+
+def countdown_reward(completions: list, nums: list, target: list, **kwargs) -> list[float | None]:
+    """Countdown (TinyZero's rules): 1.0 if the completion's equation (`countdown_answer`) uses every number of
+    `nums` exactly once, only + − × ÷ and parentheses, and equals `target` exactly in rational arithmetic (7/2*4
+    reaches 14; no float tolerance); 0.0 otherwise, a division by zero included; None when the problem is missing.
+
+    The columns `nums` and `target` are TinyZero's Countdown data's, so such a dataset trains as it is. The answer is
+    parsed by a grammar (`forking_trl.countdown.parse`, never `eval`), refused above 200 characters or 16 nested
+    parentheses: bounded on any input. Never raises on what a completion holds."""
+    from .countdown import check
+
+    if not (len(completions) == len(nums) == len(target)):
+        raise ValueError(
+            f"countdown_reward got {len(completions)} completions, {len(nums)} nums and {len(target)} targets; TRL "
+            "passes one of each per completion: check that the dataset has `nums` and `target` columns."
+        )
+    rewards: list[float | None] = []
+    for completion, given, goal in zip(completions, nums, target):
+        if given is None or _missing(goal):
+            rewards.append(None)
+            continue
+        try:
+            answer = countdown_answer(completion_text(completion))
+            rewards.append(1.0 if answer is not None and check(answer, given, int(goal))[0] else 0.0)
+        except Exception:  # noqa: BLE001  (a reward never raises)
+            rewards.append(0.0)
+    return rewards
+
+
+REWARDS: dict[str, Callable] = {"accuracy": accuracy_reward, "format": format_reward, "countdown": countdown_reward}
 FACTORIES: dict[str, Callable] = {"overlong": soft_overlong_punishment}
 
 

@@ -1,0 +1,166 @@
+"""Countdown: the solver against brute force, the generator, the reward on hostile input, coverage@k."""
+
+import itertools
+import math
+import threading
+from fractions import Fraction
+
+import pytest
+
+from forking_trl.countdown import CountdownSpec, canonical, check, combine, generate, number, parse, solutions
+from forking_trl.evaluation import coverage_at_k, pass_at_k
+from forking_trl.rewards import countdown_answer, countdown_reward
+
+
+def brute_force(nums, target, ops="+-*/"):
+    """Every reverse-Polish program over a permutation of `nums` and any operators, evaluated; the canonical forms
+    (commutativity of + and *) of those that equal `target`. Independent of the solver's recursion over splits."""
+    found = set()
+    n = len(nums)
+    for perm in set(itertools.permutations(nums)):
+        for ops_seq in itertools.product(ops, repeat=n - 1):
+            # positions: after the i-th number, how many operators to apply (a valid RPN shape)
+            for shape in itertools.product(range(n), repeat=n):
+                if sum(shape) != n - 1 or shape[0] != 0:
+                    continue
+                stack, k, ok = [], 0, True
+                for x, applies in zip(perm, shape):
+                    stack.append(number(x))
+                    for _ in range(applies):
+                        if len(stack) < 2:
+                            ok = False
+                            break
+                        b, a = stack.pop(), stack.pop()
+                        e = combine(ops_seq[k], a, b)
+                        k += 1
+                        if e is None:
+                            ok = False
+                            break
+                        stack.append(e)
+                    if not ok:
+                        break
+                if ok and len(stack) == 1 and k == n - 1 and stack[0].value == target:
+                    found.add(stack[0].canonical)
+    return found
+
+
+@pytest.mark.parametrize(
+    "nums, target, ops",
+    [
+        ([2, 3, 4], 10, "+-*/"),
+        ([1, 2, 3], 6, "+-*"),
+        ([5, 5, 2], 5, "+-*/"),
+        ([7, 2, 4], 14, "+-*/"),
+        ([3, 3, 8, 8], 24, "+-*/"),
+        ([1, 1], 2, "+-"),
+    ],
+)
+def test_the_solver_lists_exactly_the_solutions_brute_force_finds(nums, target, ops):
+    listed = solutions(nums, target, ops)
+    assert len(set(map(canonical, listed))) == len(listed)  # distinct up to commutativity
+    assert set(map(canonical, listed)) == brute_force(nums, target, ops)
+    for text in listed:
+        assert check(text, nums, target, ops) == (True, "correct")
+
+
+def test_distinct_means_up_to_commutativity_not_associativity():
+    assert canonical("(1 + 2) * 3") == canonical("3 * (2 + 1)")
+    assert canonical("(1 + 2) + 3") != canonical("1 + (2 + 3)")  # another pair combined first: another path
+    assert canonical("8 / 2") != canonical("2 / 8") and canonical("1+2*3") == canonical("1 + (2 * 3)")
+    assert solutions([3, 3, 8, 8], 24) == ["8 / (3 - (8 / 3))"]  # the classic: only through a fraction
+
+
+def test_generated_problems_are_solvable_in_range_and_deterministic():
+    spec = CountdownSpec(num_count=3, low=1, high=9, target_low=1, target_high=99, operations="+-*")
+    problems = generate(spec, 30, seed=3)
+    assert problems == generate(spec, 30, seed=3) and problems != generate(spec, 30, seed=4)
+    for p in problems:
+        assert len(p["nums"]) == 3 and all(1 <= x <= 9 for x in p["nums"]) and 1 <= p["target"] <= 99
+        assert p["solutions"] and all(check(s, p["nums"], p["target"], "+-*")[0] for s in p["solutions"])
+    assert max(len(p["solutions"]) for p in problems) > 1  # several solutions: something to explore
+    with pytest.raises(ValueError, match="2 to 5 numbers"):
+        CountdownSpec(num_count=6)
+    with pytest.raises(ValueError, match="operations must be a non-empty subset"):
+        CountdownSpec(operations="+^")
+    with pytest.raises(ValueError, match="no solvable problem"):
+        generate(CountdownSpec(num_count=2, low=1, high=1, target_low=50, target_high=60), 1)
+
+
+def test_the_rules_as_tinyzero_has_them():
+    assert check("7/2*4", [7, 2, 4], 14)[0]  # exact rational arithmetic through a fraction
+    assert check("7 ÷ 2 × 4", [7, 2, 4], 14)[0]
+    assert check("(2+3)*2", [2, 2, 3], 10)[0]  # a repeated number used as often as given
+    assert check("2+2", [2, 3], 4) == (False, "uses [2, 2], not each of [2, 3] exactly once")
+    assert not check("2+3", [2, 3, 4], 5)[0]  # every number must be used
+    assert check("2*3", [2, 3], 6, "+-") == (False, "uses *, not allowed")
+    assert check("1/0+1", [1, 0, 1], 1) == (False, "division by zero")
+    assert check("6/(2-2)", [6, 2, 2], 1) == (False, "division by zero")
+    assert not check("-2+3", [2, 3], 1)[0]  # no unary minus: every number is a given one
+    assert not check("2.5*2", [2, 5, 2], 5)[0] and not check("2 ** 3", [2, 3], 8)[0]
+    assert not check("__import__('os')", [1], 1)[0]  # a grammar, never eval
+
+
+def within(seconds, fn):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"did not finish within {seconds} s"
+    return out[0]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<answer>" + "9" * 1_000_000 + "</answer>",  # a huge number
+        "<answer>" + "(" * 100_000 + "1" + ")" * 100_000 + "</answer>",  # deep nesting
+        "<answer>" + "(" * 17 + "1+2" + ")" * 17 + "</answer>",  # deeper than 16, within the length cap
+        "<answer>" * 200_000,  # a megabyte of unclosed tags
+        "\\boxed{" * 150_000,
+        "<answer>" + "1+" * 500_000 + "2</answer>",
+    ],
+)
+def test_the_reward_is_bounded_on_hostile_input(text):
+    assert within(15, lambda: countdown_reward([text], [[1, 2]], [3])) == [0.0]
+
+
+def test_the_reward_reads_tinyzeros_columns_and_answer_formats():
+    completions = [
+        "<think>2 and 3 make 5, times 2</think><answer>(2 + 3) * 2</answer>",
+        "so \\boxed{(2+3)*2 = 10}",  # its left side
+        [{"role": "assistant", "content": "<answer>2*(3+2)</answer>"}],  # chat messages
+        "<answer>(2+3)*2</answer> then <answer>2+3+2</answer>",  # the last answer counts
+        "no answer",
+    ]
+    assert countdown_reward(completions, [[2, 3, 2]] * 5, [10] * 5) == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert countdown_reward(["<answer>1+2</answer>"], [None], [3]) == [None]  # a missing problem: skipped
+    assert countdown_answer("<answer> 3*4 = 12 </answer>") == "3*4"
+    with pytest.raises(ValueError, match="check that the dataset has `nums` and `target` columns"):
+        countdown_reward(["x", "y"], [[1, 2]], [3])
+
+
+def test_parse_refuses_beyond_its_limits():
+    from forking_trl.countdown import MAX_DEPTH, Rejected
+
+    assert parse("(" * MAX_DEPTH + "1" + ")" * MAX_DEPTH).value == Fraction(1)
+    with pytest.raises(Rejected, match="nested deeper"):
+        parse("(" * (MAX_DEPTH + 1) + "1" + ")" * (MAX_DEPTH + 1))
+    with pytest.raises(Rejected, match="longer than 200"):
+        parse("1" + "+1" * 100)
+    with pytest.raises(Rejected, match="unclosed"):
+        parse("(1+2")
+
+
+def test_coverage_at_k_equals_the_brute_force_expectation():
+    # 8 samples: solution A 3 times, B once, 4 wrong; coverage@k = expected distinct solutions among k of them
+    samples = ["A"] * 3 + ["B"] + [None] * 4
+    for k in range(1, 9):
+        subsets = list(itertools.combinations(range(8), k))
+        expected = sum(len({samples[i] for i in s} - {None}) for s in subsets) / len(subsets)
+        assert coverage_at_k([3, 1], 8, k) == pytest.approx(expected)
+    assert coverage_at_k([3, 1], 8, 1) == pytest.approx(4 / 8)  # coverage@1 is the accuracy
+    assert coverage_at_k([3, 1], 8, 8) == 2  # coverage@n: the solutions found
+    assert coverage_at_k([], 8, 4) == 0 and coverage_at_k([8], 8, 3) == pass_at_k(8, 8, 3) == 1.0
+    with pytest.raises(ValueError, match="sum to at most n=4"):
+        coverage_at_k([3, 2], 4, 1)
+    assert math.isclose(coverage_at_k([2, 2], 4, 2), 2 * pass_at_k(4, 2, 2))
