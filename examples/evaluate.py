@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from forking_trl.data import BENCHMARKS, load_math_dataset  # noqa: E402
-from forking_trl.evaluation import count_correct, pass_at_k_curve, pass_at_k_ks  # noqa: E402
+from forking_trl.evaluation import pass_at_k_curve, pass_at_k_ks  # noqa: E402
 from forking_trl.rewards import accuracy_reward  # noqa: E402
 
 
@@ -90,20 +90,22 @@ def vllm_generator(model_path, args):
 
 def score_benchmark(samples: list[list[str]], golds: list, k: int, pass_k: int) -> dict:
     """avg@k over the first `k` samples of each problem, and with `pass_k` pass@k for k = 1, 2, 4, ..., pass_k
-    estimated from all the samples drawn (n = max(k, pass_k), the number counted); ungradable problems left out."""
-    per_problem = []
+    estimated from all the samples drawn (n = max(k, pass_k), the number counted); ungradable problems left out.
+    Every sample is graded once."""
+    avg, correct = [], []
     for completions, gold in zip(samples, golds, strict=True):
-        rewards = accuracy_reward(completions[:k], [gold] * len(completions[:k]))
-        scored = [r for r in rewards if r is not None]
-        per_problem.append(sum(scored) / len(scored) if scored else None)
-    scored = [p for p in per_problem if p is not None]
-    result = {"avg@k": sum(scored) / len(scored) if scored else None, "k": k, "problems": len(scored)}
+        graded = accuracy_reward(completions, [gold] * len(completions))  # None: no gold to grade against
+        first = [r for r in graded[:k] if r is not None]
+        if first:
+            avg.append(sum(first) / len(first))
+        if any(r is not None for r in graded):
+            correct.append(sum(1 for r in graded if r))
+    result = {"avg@k": sum(avg) / len(avg) if avg else None, "k": k, "problems": len(avg)}
     if pass_k:
         n = {len(group) for group in samples}
         if len(n) > 1 or min(n, default=pass_k) < pass_k:
             raise ValueError(f"pass@k needs the same number (>= pass_k={pass_k}) of samples per problem; got {n}.")
         n = n.pop() if n else pass_k
-        correct = [c for c in count_correct(samples, golds) if c is not None]
         curve = pass_at_k_curve(correct, n, pass_at_k_ks(pass_k))  # n: every sample counted, not only pass_k
         result["pass@k"] = {str(k): v for k, v in curve.items()}
         result["pass@k_n"] = n

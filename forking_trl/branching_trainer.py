@@ -30,7 +30,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from .branching import GroupTree, allowed_positions, answer_start, select_forks, tree_advantages
-from .config import BranchingGRPOConfig, prepare_trainer_args
+from .config import BranchingGRPOConfig
 from .dynamic_sampling import training_rewards
 from .extension import TrainerExtension
 
@@ -68,14 +68,16 @@ class BranchingMixin(TrainerExtension):
     config_class = BranchingGRPOConfig
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos_args, **kwargs):
-        args = prepare_trainer_args(type(self), model, args)  # (TrainerExtension's, early: for the check below)
-        if args.branching:
-            self._refuse_unsupported_branching(kwargs)
-        super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
+        super().__init__(model, reward_funcs, args, *pos_args, **kwargs)  # TrainerExtension promotes `args`
         self._branching_plan: BranchPlan | None = None
         self._branching_rewards_per_func: torch.Tensor | None = None  # (N_all, F), as TRL gathered them
-        if args.branching:
+        if self.args.branching:
             self._refuse_unsupported_branching(vars(self))
+
+    def _check_before_trl(self, args, kwargs: dict) -> None:
+        super()._check_before_trl(args, kwargs)
+        if args.branching:
+            self._refuse_unsupported_branching(kwargs)
 
     def _refuse_unsupported_branching(self, given: dict) -> None:
         """Before TRL's `__init__` from its keyword arguments, after it from the trainer's attributes."""

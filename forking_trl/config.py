@@ -94,6 +94,16 @@ class GRPOExtensionConfig(GRPOConfig):
             f"{spg} × {ni} = {self.generation_window}"
         )
 
+    def _require_whole_groups(self, feature: str) -> None:
+        """`ValueError` unless each process holds whole groups (what dynamic sampling and branching decide on)."""
+        local = self.per_device_train_batch_size * (self.steps_per_generation or 1)
+        if local % self.num_generations:
+            raise ValueError(
+                f"{feature} needs each process to hold whole groups: per_device_train_batch_size * "
+                f"steps_per_generation ({self.per_device_train_batch_size} * {self.steps_per_generation} = {local}) "
+                f"must be a multiple of num_generations ({self.num_generations})."
+            )
+
     def fields_that_change_training(self) -> dict:
         """This config's own fields whose values make training differ from plain GRPO (a trainer that does not
         implement one must refuse it, see `refuse_fields_it_would_ignore`); each class adds its own."""
@@ -216,13 +226,8 @@ class DynamicSamplingGRPOConfig(GRPOExtensionConfig):
         reward = self.dynamic_sampling_reward
         if reward is not None and (not isinstance(reward, str) or not reward):
             raise ValueError(f"dynamic_sampling_reward must be a reward function's name or None; got {reward!r}.")
-        local = self.per_device_train_batch_size * (self.steps_per_generation or 1)
-        if self.dynamic_sampling and local % self.num_generations:
-            raise ValueError(
-                f"dynamic_sampling needs each process to hold whole groups: per_device_train_batch_size * "
-                f"steps_per_generation ({self.per_device_train_batch_size} * {self.steps_per_generation} = {local}) "
-                f"must be a multiple of num_generations ({self.num_generations})."
-            )
+        if self.dynamic_sampling:
+            self._require_whole_groups("dynamic_sampling")
 
 
 @dataclass
@@ -387,13 +392,7 @@ class BranchingGRPOConfig(GRPOExtensionConfig):
                 f"up to whole forks of branching_per_fork={self.branching_per_fork}; choose branching_roots and "
                 "branching_per_fork so that num_generations - branching_roots is a multiple of branching_per_fork."
             )
-        local = self.per_device_train_batch_size * (self.steps_per_generation or 1)
-        if local % G:
-            raise ValueError(
-                f"branching grows whole groups on each process: per_device_train_batch_size * steps_per_generation "
-                f"({self.per_device_train_batch_size} * {self.steps_per_generation} = {local}) must be a multiple of "
-                f"num_generations ({G})."
-            )
+        self._require_whole_groups("branching")
         if self.branching_advantage == "tree" and self.loss_type not in TREE_ADVANTAGE_LOSSES:
             raise ValueError(
                 f"branching_advantage='tree' gives per-token advantages, which loss_type={self.loss_type!r} does not "

@@ -20,7 +20,13 @@ class TrainerExtension:
     config_class = GRPOExtensionConfig
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos_args, **kwargs):
-        super().__init__(model, reward_funcs, prepare_trainer_args(type(self), model, args), *pos_args, **kwargs)
+        args = prepare_trainer_args(type(self), model, args)
+        self._check_before_trl(args, kwargs)
+        super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
+
+    def _check_before_trl(self, args: GRPOExtensionConfig, kwargs: dict) -> None:
+        """Refuse, before TRL's `__init__`, what the promoted `args` cannot train with the trainer's keyword
+        arguments (a mixin extends it and calls this)."""
 
     def end_distributed(self, grace_s: float = 0.2) -> None:
         """End a launched run cleanly; call it last in a script (the trainer cannot train after it).

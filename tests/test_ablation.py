@@ -215,9 +215,9 @@ def test_pass_at_k_table_verdicts_and_plot(tmp_path):
         runs = report["arms"][arm]["runs"]
         for run, scale in zip(runs, scales):
             run["pass_at_k"] = {"n": 4, "num_problems": 10, "pass_at_k": curve(scale)}
-        from forking_trl.ablation.report import _pass_at_k_summary
+        from forking_trl.ablation.report import CURVES, _curve_summary
 
-        report["arms"][arm]["pass_at_k"] = _pass_at_k_summary(runs)
+        report["arms"][arm]["pass_at_k"] = _curve_summary(runs, CURVES[0])
     write_results(report, tmp_path)
     table = (tmp_path / "results.md").read_text()
     assert "| model | pass@1 % | pass@2 % | pass@4 % |" in table and "| start | 30.0 | 45.0 | 60.0 |" in table

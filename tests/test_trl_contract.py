@@ -243,7 +243,7 @@ def test_branching_mixin_overrides_only_the_hooks_it_names():
     from forking_trl.extension import TrainerExtension
 
     hooks = {"__init__", "_generate_single_turn", "_generate", "_calculate_rewards", "_generate_and_score_completions"}
-    for cls, named in ((BranchingMixin, hooks), (TrainerExtension, {"__init__"})):
+    for cls, named in ((BranchingMixin, hooks), (TrainerExtension, {"__init__"})):  # _check_before_trl: our own
         own = {name for name, value in vars(cls).items() if callable(value) or isinstance(value, staticmethod)}
         assert named <= own
         assert not {name for name in own - named if hasattr(GRPOTrainer, name)}, cls

@@ -55,7 +55,6 @@ from .report import (
     plot_accuracy,
     plot_curve,
     plot_entropy_training,
-    plot_pass_at_k,
     results_markdown,
     verdicts,
     write_results,
@@ -94,7 +93,6 @@ __all__ = [
     "plot_accuracy",
     "plot_curve",
     "plot_entropy_training",
-    "plot_pass_at_k",
     "results_markdown",
     "run_ablation",
     "run_arm",
@@ -186,7 +184,7 @@ def run_ablation(argv: list[str]) -> dict:
 
     with _environment(job_environment(ab.threads_per_run)):
         outcomes = run_jobs(specs, ab, out, run_job, report_line)
-    bar.update(sum(1 for o in outcomes if o.seconds == 0.0 and o.result is not None))  # the cached runs
+    bar.update(sum(o.cached for o in outcomes))  # the runs resumed from an earlier command
     bar.close()
     results: dict[str, list[dict]] = {arm: [] for arm in ab.arms}
     failed = []

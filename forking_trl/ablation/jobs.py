@@ -71,6 +71,7 @@ class Finished:
     error: str = ""
     log: str = ""
     seconds: float = 0.0
+    cached: bool = False  # its result was there from an earlier command (resume): not trained now
 
 
 def make_executor(ab, folder: Path):
@@ -115,7 +116,7 @@ def run_jobs(specs: list[dict], ab, out: Path, job_fn, report) -> list[Finished]
     for i, spec in enumerate(specs):
         result = None if ab.rerun else cached_result(spec)
         if result is not None:
-            outcomes[i] = Finished(spec, result)
+            outcomes[i] = Finished(spec, result, cached=True)
         else:
             todo.append(i)
     if len(todo) < len(specs):
@@ -206,6 +207,9 @@ def _log_tail(job, chars: int = 3000) -> str:
 
 def job_environment(threads: int) -> dict[str, str]:
     """What every run's process gets in its environment (set in the parent before submitting: jobs inherit it)."""
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    env.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "1"))
-    return env
+    return {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),  # offline unless the caller says otherwise
+    }

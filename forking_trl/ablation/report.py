@@ -116,10 +116,6 @@ def _curve_summary(runs: list[dict], curve: Curve) -> dict:
     return {k: _mean_std([r[curve.key][curve.values_key][k] for r in runs]) for k in ks}
 
 
-def _pass_at_k_summary(runs: list[dict]) -> dict:
-    return _curve_summary(runs, CURVES[0])
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # outputs: plain functions of the report (a test calls them on a small one)
 
@@ -290,10 +286,6 @@ def plot_curve(report: dict, curve: Curve, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def plot_pass_at_k(report: dict, path: Path) -> None:
-    plot_curve(report, CURVES[0], path)
 
 
 def _rolling(values: list[float], window: int = 10) -> list[float]:
