@@ -34,8 +34,7 @@ from transformers import AutoTokenizer, PrinterCallback, TrainerCallback  # noqa
 
 from forking_trl import ForkingGRPOConfig, ForkingGRPOTrainer  # noqa: E402
 from forking_trl.ablation import sft_warm_start  # noqa: E402
-from forking_trl.data import synthetic_arithmetic  # noqa: E402
-from forking_trl.rewards import accuracy_reward  # noqa: E402
+from forking_trl.tasks import Arithmetic, Task  # noqa: E402
 from forking_trl.tiny import build_tiny_model, pick_threads  # noqa: E402
 
 ARMS = {"top": ("top", 0.2), "all": ("all", 1.0)}
@@ -107,7 +106,7 @@ def plot(metrics: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def train_arm(arm: str, sft: Path, out: Path, train: Dataset, steps: int, seed: int) -> list[dict]:
+def train_arm(arm: str, sft: Path, out: Path, task: Task, train: Dataset, steps: int, seed: int) -> list[dict]:
     mode, ratio = ARMS[arm]
     args = ForkingGRPOConfig(
         output_dir=str(out / f"grpo-{arm}"),
@@ -132,7 +131,7 @@ def train_arm(arm: str, sft: Path, out: Path, train: Dataset, steps: int, seed: 
     path = out / f"metrics_{arm}.jsonl"
     trainer = ForkingGRPOTrainer(
         str(sft),
-        accuracy_reward,
+        task.reward_funcs(),
         args=args,
         train_dataset=train,
         processing_class=AutoTokenizer.from_pretrained(sft),
@@ -158,18 +157,14 @@ def main():
     out = Path(cli.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = build_tiny_model(out / "tiny-base", hidden_size=128, num_layers=2, seed=cli.seed)
-    rows = synthetic_arithmetic(4096, seed=cli.seed + 1, max_operand=9)
+    task = Arithmetic(max_operand=9)  # forking_trl.tasks: rows with worked answers, the reward, the grading
+    rows = task.rows(4096, seed=cli.seed + 1)
     sft = sft_warm_start(base, out / "tiny-sft", rows, steps=cli.sft_steps, lr=3e-3, batch_size=32, seed=cli.seed)
-    train = Dataset.from_list(
-        [
-            {k: r[k] for k in ("prompt", "solution")}
-            for r in synthetic_arithmetic(4096, seed=cli.seed + 2, max_operand=9)
-        ]
-    )
+    train = Dataset.from_list(task.training_rows(task.rows(4096, seed=cli.seed + 2)))
 
     metrics = {}
     for arm in ARMS:  # the same warm start, data, seed and settings; only the tokens with policy gradient differ
-        metrics[arm] = train_arm(arm, sft, out, train, cli.grpo_steps, cli.seed)
+        metrics[arm] = train_arm(arm, sft, out, task, train, cli.grpo_steps, cli.seed)
     plot(metrics, out / "training.png")
 
     k = max(1, cli.grpo_steps // 5)

@@ -1,4 +1,5 @@
-"""avg@k and pass@k on the bundled benchmarks (AIME'24, AIME'25, AMC'23, MATH-500, Minerva, OlympiadBench).
+"""avg@k and pass@k on the bundled benchmarks (AIME'24, AIME'25, AMC'23, MATH-500, Minerva, OlympiadBench), or on the
+held-out split of a generated task (`chain`, `countdown`: with the coverage of each problem's solutions).
 
     python examples/evaluate.py --model Qwen/Qwen3-8B-Base --k 16 --max_new_tokens 20480
     python examples/evaluate.py --model outputs/demo/tiny-sft --benchmarks aime24 --limit 4 --k 2 --max_new_tokens 16
@@ -6,14 +7,17 @@
 pass@k for k = 1, 2, 4, ..., N from N samples per problem (the unbiased estimator of Chen et al. 2021):
 
     python examples/evaluate.py --model M --benchmarks aime24 aime25 --pass_k 64 --max_new_tokens 8192
+    python examples/evaluate.py --model outputs/explore/start-model --benchmarks countdown --limit 200 --pass_k 64 \
+        --max_new_tokens 48
 
 The paper's decoding experiment (higher temperature on forking tokens) is one flag away:
 
     python examples/evaluate.py --model M --forking_threshold 0.672 --high_temperature 1.2 --low_temperature 1.0
 
 Generation uses vLLM when it is installed and no forking temperature is asked for, transformers `generate` otherwise.
-The reward is forking_trl's `accuracy_reward`; transformers generation is `forking_trl.evaluation.generate`, shared
-with the ablation. Writes a JSON file and prints a table.
+The grading is the task's (`forking_trl.tasks`: math-verify's `accuracy_reward` for the benchmarks, `countdown_reward`
+for Countdown); transformers generation is `forking_trl.evaluation.generate`, shared with the ablation. Writes a JSON
+file and prints a table.
 """
 
 from __future__ import annotations
@@ -26,9 +30,19 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from forking_trl.data import BENCHMARKS, load_math_dataset  # noqa: E402
-from forking_trl.evaluation import pass_at_k_curve, pass_at_k_ks  # noqa: E402
-from forking_trl.rewards import accuracy_reward  # noqa: E402
+from forking_trl.data import BENCHMARKS  # noqa: E402
+from forking_trl.evaluation import MATH, pass_at_k_ks, score_samples  # noqa: E402
+from forking_trl.tasks import GENERATED, MathDataset, Task, get_task  # noqa: E402
+
+
+def benchmark(name: str, limit: int | None) -> tuple[Task, list[dict]]:
+    """(task, rows) of a benchmark: a bundled name or file (a math dataset, in order, the first `limit` problems),
+    or a generated task's held-out split at its default settings (`limit` problems, 200 by default)."""
+    if name in GENERATED:
+        task = get_task(name)
+        return task, task.split(20000, limit or 200)[1]  # the runner's default training set is held out from
+    task = MathDataset(name)
+    return task, task.load(limit)
 
 
 def transformers_generator(model_path, args):
@@ -88,27 +102,28 @@ def vllm_generator(model_path, args):
     return generate
 
 
-def score_benchmark(samples: list[list[str]], golds: list, k: int, pass_k: int) -> dict:
+def score_benchmark(samples: list[list[str]], rows: list[dict], k: int, pass_k: int, task: Task = MATH) -> dict:
     """avg@k over the first `k` samples of each problem, and with `pass_k` pass@k for k = 1, 2, 4, ..., pass_k
-    estimated from all the samples drawn (n = max(k, pass_k), the number counted); ungradable problems left out.
-    Every sample is graded once."""
-    avg, correct = [], []
-    for completions, gold in zip(samples, golds, strict=True):
-        graded = accuracy_reward(completions, [gold] * len(completions))  # None: no gold to grade against
-        first = [r for r in graded[:k] if r is not None]
+    estimated from all the samples drawn (n = max(k, pass_k), the number counted), with the coverage of the
+    solutions for a task that has several (Countdown); ungradable problems left out. Every sample is graded once,
+    by the task (`forking_trl.tasks`)."""
+    graded = [task.grade(group, [row] * len(group)) for group, row in zip(samples, rows, strict=True)]
+    avg = []
+    for grades in graded:
+        first = [r for r in grades[:k] if r is not None]  # None: nothing to grade against
         if first:
             avg.append(sum(first) / len(first))
-        if any(r is not None for r in graded):
-            correct.append(sum(1 for r in graded if r))
     result = {"avg@k": sum(avg) / len(avg) if avg else None, "k": k, "problems": len(avg)}
     if pass_k:
         n = {len(group) for group in samples}
         if len(n) > 1 or min(n, default=pass_k) < pass_k:
             raise ValueError(f"pass@k needs the same number (>= pass_k={pass_k}) of samples per problem; got {n}.")
-        n = n.pop() if n else pass_k
-        curve = pass_at_k_curve(correct, n, pass_at_k_ks(pass_k))  # n: every sample counted, not only pass_k
-        result["pass@k"] = {str(k): v for k, v in curve.items()}
-        result["pass@k_n"] = n
+        scored = score_samples(samples, rows, task, pass_at_k_ks(pass_k), graded)  # n: every sample counted
+        result["pass@k"] = scored["pass_at_k"]
+        result["pass@k_n"] = scored["n"]
+        for key in ("coverage", "answers"):
+            if key in scored:
+                result[key] = scored[key]
     return result
 
 
@@ -116,7 +131,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model path or Hub id")
     parser.add_argument(
-        "--benchmarks", nargs="+", default=list(BENCHMARKS), help=f"any of {', '.join(BENCHMARKS)}, or files"
+        "--benchmarks",
+        nargs="+",
+        default=list(BENCHMARKS),
+        help=f"any of {', '.join(BENCHMARKS)}, files, or a generated task's held-out split: {', '.join(GENERATED)}",
     )
     parser.add_argument("--k", type=int, default=4, help="samples per problem (avg@k)")
     parser.add_argument(
@@ -157,11 +175,8 @@ def main():
     results, started = {}, time.time()
     generate = (vllm_generator if backend == "vllm" else transformers_generator)(args.model, args)
     for name in args.benchmarks:
-        data = load_math_dataset(name)  # the instruction is added only where the problem lacks one
-        if args.limit:
-            data = data.select(range(min(args.limit, len(data))))
-        prompts = [row["prompt"] for row in data]
-        results[name] = score_benchmark(generate(prompts), list(data["solution"]), args.k, args.pass_k)
+        task, rows = benchmark(name, args.limit)  # math: the instruction is added only where the problem lacks one
+        results[name] = score_benchmark(generate([row["prompt"] for row in rows]), rows, args.k, args.pass_k, task)
 
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     report = {
@@ -178,6 +193,13 @@ def main():
         value = f"{100 * r['avg@k']:.1f}" if r["avg@k"] is not None else "-"
         passes = "".join(f"{100 * r['pass@k'][k]:>10.1f}" for k in ks)
         print(f"{name:<16}{value:>10}{r['problems']:>10}{passes}")
+        if "coverage" in r:
+            c = r["coverage"]
+            print(
+                f"{'':<16}distinct correct solutions found among k samples (coverage@k): "
+                + ", ".join(f"k={k} {v:.2f}" for k, v in c["coverage_at_k"].items())
+                + f"; the problems have {c['solutions_per_problem']:.2f} on average"
+            )
     print(f"\nwritten: {args.output}")
 
 

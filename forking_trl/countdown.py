@@ -151,7 +151,7 @@ def _check_problem(nums, operations) -> None:
 @dataclass(frozen=True)
 class CountdownSpec:
     """The ranges of generated problems: `num_count` numbers drawn from [low, high] (with repeats), targets in
-    [target_low, target_high], the allowed operations."""
+    [target_low, target_high], the allowed operations, and problems with at least `min_solutions` solutions."""
 
     num_count: int = 3
     low: int = 1
@@ -159,6 +159,7 @@ class CountdownSpec:
     target_low: int = 1
     target_high: int = 99
     operations: str = "+-*"
+    min_solutions: int = 1
 
     def __post_init__(self):
         _check_problem(tuple(range(self.num_count)), tuple(self.operations))
@@ -166,12 +167,15 @@ class CountdownSpec:
             raise ValueError(f"the numbers' range must have 0 <= low <= high; got [{self.low}, {self.high}].")
         if self.target_low > self.target_high:
             raise ValueError(f"the target range is empty: [{self.target_low}, {self.target_high}].")
+        if self.min_solutions < 1:
+            raise ValueError(f"min_solutions must be >= 1; got {self.min_solutions}.")
 
 
 def generate(spec: CountdownSpec, count: int, seed: int = 0, max_tries: int = 200) -> list[dict]:
     """`count` solvable problems: `{"nums", "target", "solutions"}`. For each, numbers are drawn, and the target is
-    drawn among the values in range that the numbers reach (so every problem has a solution; targets reached by
-    more expressions are not favoured). Deterministic in `seed`. `ValueError` if the ranges make that impossible."""
+    drawn among the values in range that the numbers reach by at least `spec.min_solutions` distinct expressions (so
+    every problem has that many solutions; targets reached by more expressions are not favoured). Deterministic in
+    `seed`. `ValueError` if the ranges make that impossible."""
     rng = random.Random(seed)
     ops = tuple(sorted(set(spec.operations)))
     out = []
@@ -179,7 +183,9 @@ def generate(spec: CountdownSpec, count: int, seed: int = 0, max_tries: int = 20
     while len(out) < count:
         nums = tuple(sorted(rng.randint(spec.low, spec.high) for _ in range(spec.num_count)))
         reachable = sorted(
-            int(v) for v in _solve(nums, ops) if v.denominator == 1 and spec.target_low <= v <= spec.target_high
+            int(v)
+            for v, found in _solve(nums, ops).items()
+            if v.denominator == 1 and spec.target_low <= v <= spec.target_high and len(found) >= spec.min_solutions
         )
         if not reachable:
             tries += 1
@@ -189,6 +195,33 @@ def generate(spec: CountdownSpec, count: int, seed: int = 0, max_tries: int = 20
         target = rng.choice(reachable)
         out.append({"nums": list(nums), "target": target, "solutions": solutions(nums, target, ops)})
     return out
+
+
+def worked(solution: str) -> str:
+    """A worked completion for a solution: each operation as a step, innermost first, then the answer boxed:
+    `(3 + 5) * 7` -> `3 + 5 = 8. 8 * 7 = 56. The answer is \\boxed{(3 + 5) * 7}.` (a step's result is written as
+    a fraction `a/b` when it is not whole)."""
+    expr = parse(solution)
+    steps: list[str] = []
+
+    def walk(e: Expr) -> str:
+        if e.op is None:
+            return _number_text(e.value)
+        left, right = walk(e.left), walk(e.right)
+        steps.append(f"{left} {e.op} {right} = {_number_text(e.value)}.")
+        return _number_text(e.value)
+
+    walk(expr)
+    return " ".join(steps) + f" The answer is \\boxed{{{expr.text()}}}."
+
+
+def _number_text(value: Fraction) -> str:
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+def prompt_text(nums, target: int, operations: str = "+-*/") -> str:
+    """The task's question: `Make 56 from 3, 5, 7 with + - * (each number once).`"""
+    return f"Make {target} from {', '.join(map(str, nums))} with {' '.join(operations)} (each number once)."
 
 
 # ------------------------------------------------------------------------------------------------------------------

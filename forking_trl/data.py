@@ -14,7 +14,6 @@ provenance in its README), or a Hugging Face Hub dataset id (needs network).
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 from .rewards import last_boxed
@@ -135,54 +134,3 @@ def load_math_dataset(
         fn_kwargs={"instruction": instruction},
         remove_columns=dataset.column_names,
     )
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# synthetic arithmetic with worked answers: the offline demo's data
-
-
-def synthetic_arithmetic(n: int, seed: int = 0, max_operand: int = 20) -> list[dict]:
-    """Addition/subtraction problems with a worked answer, as `prompt`, `solution` and `completion` (for SFT)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
-        op = rng.choice("+-")
-        result = a + b if op == "+" else a - b
-        rows.append(
-            {
-                "prompt": _chat(f"What is {a} {op} {b}?"),
-                "solution": str(result),
-                "completion": f"{a} {op} {b} = {result}. The answer is \\boxed{{{result}}}.",
-            }
-        )
-    return rows
-
-
-def synthetic_chain(n: int, seed: int = 0, max_operand: int = 20, steps: int = 2) -> list[dict]:
-    """Chained addition/subtraction with a worked chain: `What is 7 + 12 - 5?` -> `7 + 12 = 19. 19 - 5 = 14. The
-    answer is \\boxed{14}.`, as `prompt`, `solution` and `completion` (for SFT).
-
-    The ablation's task (`examples/ablation.py`): a worked solution whose tokens are mostly determined by the prompt
-    and the previous tokens (copied operands, fixed phrasing), with a few genuine decision points (each result), so
-    that a small model trained on it shows the paper's entropy pattern: most tokens near 0 nats, a minority of forks.
-    """
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        value = rng.randint(0, max_operand)
-        question, work = str(value), []
-        for _ in range(steps):
-            op, b = rng.choice("+-"), rng.randint(0, max_operand)
-            result = value + b if op == "+" else value - b
-            question += f" {op} {b}"
-            work.append(f"{value} {op} {b} = {result}.")
-            value = result
-        rows.append(
-            {
-                "prompt": _chat(f"What is {question}?"),
-                "solution": str(value),
-                "completion": " ".join(work) + f" The answer is \\boxed{{{value}}}.",
-            }
-        )
-    return rows

@@ -1,8 +1,10 @@
-"""Held-out accuracy of a causal LM on math prompts: greedy, sampled avg@k and pass@k, with the verifiable reward.
+"""Held-out accuracy of a causal LM: greedy, sampled avg@k, pass@k, and for a task with several solutions per problem
+the coverage of its solutions and the diversity of its answers.
 
 One implementation for `examples/evaluate.py`, the ablation (`forking_trl.ablation`) and the demo. Generation is
-transformers `generate` (batched, left-padded); the reward is `forking_trl.rewards.accuracy_reward`. pass@k is the
-unbiased estimator of Chen et al. 2021 (the Codex paper) from n >= k samples per problem.
+transformers `generate` (batched, left-padded); the grading is the task's (`forking_trl.tasks`; by default math
+answers with `forking_trl.rewards.accuracy_reward`). pass@k is the unbiased estimator of Chen et al. 2021 (the Codex
+paper) from n >= k samples per problem; coverage@k the same estimator applied to each distinct correct solution.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import math
 import torch
 
 from .analysis import _prompt_texts, _strip_after_eos
-from .rewards import accuracy_reward
+from .tasks import Task, answer_diversity, correct_solution_counts
+
+MATH = Task()  # the default grading: the gold `solution` of each row, by math-verify
 
 
 @dataclass
@@ -87,11 +91,13 @@ def evaluate(
     temperature: float = 1.0,
     max_new_tokens: int = 64,
     batch_size: int = 64,
+    task: Task = MATH,
 ) -> Evaluation:
-    """Greedy accuracy and sampled avg@k on `rows` (`prompt` + `solution`); keeps the first sample of each problem."""
+    """Greedy accuracy and sampled avg@k on `rows` (`prompt` and the task's columns), graded by `task`; keeps the
+    first sample of each problem."""
     was_training = model.training
     model.eval()
-    prompts, golds = [r["prompt"] for r in rows], [r["solution"] for r in rows]
+    prompts = [r["prompt"] for r in rows]
     greedy_ids = generate(model, tokenizer, prompts, greedy=True, max_new_tokens=max_new_tokens, batch_size=batch_size)
     sampled_ids = generate(
         model,
@@ -104,10 +110,10 @@ def evaluate(
     )
     model.train(was_training)
     greedy_text = [tokenizer.decode(g[0], skip_special_tokens=True) for g in greedy_ids]
-    greedy = _mean(accuracy_reward(greedy_text, golds))
+    greedy = _mean(task.grade(greedy_text, rows))
     sampled_text = [[tokenizer.decode(s, skip_special_tokens=True) for s in group] for group in sampled_ids]
     flat = [t for group in sampled_text for t in group]
-    sampled = _mean(accuracy_reward(flat, [g for g in golds for _ in range(k)]))
+    sampled = _mean(task.grade(flat, [r for r in rows for _ in range(k)]))
     prompt_texts = _prompt_texts(tokenizer, prompts)
     return Evaluation(
         greedy=greedy,
@@ -167,12 +173,56 @@ def coverage_at_k(solution_counts: list[int], n: int, k: int) -> float:
     return sum(pass_at_k(n, c, k) for c in solution_counts if c > 0)
 
 
-def count_correct(completions: list[list[str]], golds: list) -> list[int | None]:
-    """Per problem, the number of correct completions; None for a problem the verifier cannot grade (no gold)."""
-    out = []
-    for group, gold in zip(completions, golds, strict=True):
-        rewards = accuracy_reward(group, [gold] * len(group))
-        out.append(None if all(r is None for r in rewards) else sum(1 for r in rewards if r))
+def score_samples(
+    completions: list[list[str]],
+    rows: list[dict],
+    task: Task = MATH,
+    ks: list[int] | None = None,
+    graded: list[list[float | None]] | None = None,
+) -> dict:
+    """pass@k from `completions[i]`, the n samples of problem `rows[i]` (every sample graded once by `task`, or
+    `graded[i]` when given), for k in `ks` (default 1, 2, 4, ..., n); problems the task cannot grade are left out. For a task with several solutions
+    (`task.several_solutions`) also `coverage`: coverage@k (the expected number of distinct correct solutions among k
+    samples, `coverage_at_k`, distinct by `task.answer_key`) beside the number of solutions the problems have, and
+    `answers`: the diversity of all the answers given (`forking_trl.tasks.answer_diversity`).
+
+    Returns `{"n", "num_problems", "pass_at_k": {k: mean}, "correct": [c per problem]}` (+ `coverage`, `answers`)."""
+    sizes = {len(group) for group in completions}
+    if len(sizes) > 1:
+        raise ValueError(f"every problem needs the same number of samples; got {sorted(sizes)}.")
+    n = sizes.pop() if sizes else 1
+    ks = pass_at_k_ks(n) if ks is None else ks
+    correct, found, solutions, keys = [], [], [], []
+    if graded is None:
+        graded = [task.grade(group, [row] * len(group)) for group, row in zip(completions, rows, strict=True)]
+    for group, row, grades in zip(completions, rows, graded, strict=True):
+        if all(g is None for g in grades):
+            continue
+        correct.append(sum(1 for g in grades if g))
+        if task.several_solutions:
+            group_keys = [task.answer_key(text, row) for text in group]
+            keys.append(group_keys)
+            found.append(correct_solution_counts(group_keys, grades))
+            solutions.append(task.num_solutions(row))
+    out = {
+        "n": n,
+        "num_problems": len(correct),
+        "pass_at_k": {str(k): v for k, v in pass_at_k_curve(correct, n, ks).items()},
+        "correct": correct,
+    }
+    if task.several_solutions:
+        known = [s for s in solutions if s is not None]
+        out["coverage"] = {
+            "n": n,
+            "num_problems": len(found),
+            "coverage_at_k": {
+                str(k): sum(coverage_at_k(c, n, k) for c in found) / len(found) if found else math.nan for k in ks
+            },
+            "solutions_per_problem": sum(known) / len(known) if known else None,
+            "found": [len(c) for c in found],
+            "solutions": solutions,
+        }
+        out["answers"] = answer_diversity(keys)
     return out
 
 
@@ -186,12 +236,10 @@ def sample_pass_at_k(
     max_new_tokens: int = 64,
     batch_size: int = 64,
     progress=None,
+    task: Task = MATH,
 ) -> dict:
-    """Sample `n` completions per problem at `temperature` and estimate pass@k for k = 1, 2, 4, ..., n.
-
-    Returns `{"n", "num_problems", "pass_at_k": {k: mean over problems}, "correct": [c per problem]}`; problems the
-    verifier cannot grade are left out.
-    """
+    """Sample `n` completions per problem at `temperature` and estimate pass@k for k = 1, 2, 4, ..., n (and, for a
+    task with several solutions, coverage@k and the answers' diversity): `score_samples` of the samples."""
     if n < 1:
         raise ValueError(f"n (samples per problem) must be >= 1; got {n}.")
     was_training = model.training
@@ -208,10 +256,4 @@ def sample_pass_at_k(
     )
     model.train(was_training)
     texts = [[tokenizer.decode(x, skip_special_tokens=True) for x in group] for group in ids]
-    correct = [c for c in count_correct(texts, [r["solution"] for r in rows]) if c is not None]
-    return {
-        "n": n,
-        "num_problems": len(correct),
-        "pass_at_k": {str(k): v for k, v in pass_at_k_curve(correct, n).items()},
-        "correct": correct,
-    }
+    return score_samples(texts, rows, task)

@@ -384,12 +384,16 @@ def countdown_answer(text: str) -> str | None:
     return answer.split("=", 1)[0].strip()
 
 
-def countdown_reward(completions: list, nums: list, target: list, **kwargs) -> list[float | None]:
+def countdown_reward(
+    completions: list, nums: list, target: list, operations: list | None = None, **kwargs
+) -> list[float | None]:
     """Countdown (TinyZero's rules): 1.0 if the completion's equation (`countdown_answer`) uses every number of
     `nums` exactly once, only + − × ÷ and parentheses, and equals `target` exactly in rational arithmetic (7/2*4
     reaches 14; no float tolerance); 0.0 otherwise, a division by zero included; None when the problem is missing.
 
-    The columns `nums` and `target` are TinyZero's Countdown data's, so such a dataset trains as it is. The answer is
+    The columns `nums` and `target` are TinyZero's Countdown data's, so such a dataset trains as it is. An optional
+    column `operations` (a string such as `"+-*"` per row; `forking_trl.tasks.Countdown` writes it) restricts the
+    operations a row allows; without it all four are allowed, as in TinyZero. The answer is
     parsed by a grammar (`forking_trl.countdown.parse`, never `eval`), refused above 200 characters or 16 nested
     parentheses: bounded on any input. Never raises on what a completion holds."""
     from .countdown import check
@@ -399,14 +403,18 @@ def countdown_reward(completions: list, nums: list, target: list, **kwargs) -> l
             f"countdown_reward got {len(completions)} completions, {len(nums)} nums and {len(target)} targets; TRL "
             "passes one of each per completion: check that the dataset has `nums` and `target` columns."
         )
+    if operations is None:
+        operations = ["+-*/"] * len(completions)
+    elif len(operations) != len(completions):
+        raise ValueError(f"countdown_reward got {len(completions)} completions and {len(operations)} operations.")
     rewards: list[float | None] = []
-    for completion, given, goal in zip(completions, nums, target):
+    for completion, given, goal, ops in zip(completions, nums, target, operations, strict=True):
         if given is None or _missing(goal):
             rewards.append(None)
             continue
         try:
             answer = countdown_answer(completion_text(completion))
-            rewards.append(1.0 if answer is not None and check(answer, given, int(goal))[0] else 0.0)
+            rewards.append(1.0 if answer is not None and check(answer, given, int(goal), ops or "+-*/")[0] else 0.0)
         except Exception:  # noqa: BLE001  (a reward never raises)
             rewards.append(0.0)
     return rewards

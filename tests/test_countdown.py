@@ -164,3 +164,32 @@ def test_coverage_at_k_equals_the_brute_force_expectation():
     with pytest.raises(ValueError, match="sum to at most n=4"):
         coverage_at_k([3, 2], 4, 1)
     assert math.isclose(coverage_at_k([2, 2], 4, 2), 2 * pass_at_k(4, 2, 2))
+
+
+def test_the_reward_follows_an_operations_column_when_the_dataset_has_one():
+    """forking_trl.tasks.Countdown writes `operations` per row; without the column all four are allowed (TinyZero)."""
+    text = "<answer>2 * 3 + 4</answer>"
+    assert countdown_reward([text, text], [[2, 3, 4]] * 2, [10] * 2) == [1.0, 1.0]
+    assert countdown_reward([text, text], [[2, 3, 4]] * 2, [10] * 2, operations=["+-", "+-*"]) == [0.0, 1.0]
+    with pytest.raises(ValueError, match="operations"):
+        countdown_reward([text], [[2, 3, 4]], [10], operations=["+-", "+-*"])
+
+
+def test_worked_completions_show_each_step_and_box_the_solution():
+    from forking_trl.countdown import worked
+
+    assert worked("(3 + 5) * 7") == "3 + 5 = 8. 8 * 7 = 56. The answer is \\boxed{(3 + 5) * 7}."
+    assert worked("9 - 2 * 3") == "2 * 3 = 6. 9 - 6 = 3. The answer is \\boxed{9 - (2 * 3)}."
+    assert worked("7 / 2 * 4").startswith("7 / 2 = 7/2. 7/2 * 4 = 14.")
+    for problem in generate(CountdownSpec(), 50, seed=4):
+        for solution in problem["solutions"]:
+            assert countdown_reward([worked(solution)], [problem["nums"]], [problem["target"]]) == [1.0]
+
+
+def test_min_solutions_keeps_only_problems_with_that_many():
+    problems = generate(CountdownSpec(min_solutions=3), 100, seed=1)
+    assert all(len(p["solutions"]) >= 3 for p in problems)
+    with pytest.raises(ValueError, match="min_solutions"):
+        CountdownSpec(min_solutions=0)
+    with pytest.raises(ValueError, match="no solvable problem"):
+        generate(CountdownSpec(num_count=2, high=1, min_solutions=5), 1)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from forking_trl.evaluation import count_correct, pass_at_k, pass_at_k_curve, pass_at_k_ks
+from forking_trl.evaluation import pass_at_k, pass_at_k_curve, pass_at_k_ks, score_samples
 
 
 def brute_force(n: int, c: int, k: int) -> float:
@@ -42,9 +42,11 @@ def test_the_k_ladder_and_the_curve():
     assert all(a <= b for a, b in zip(curve.values(), list(curve.values())[1:]))  # non-decreasing in k
 
 
-def test_count_correct_skips_problems_without_gold():
-    groups = [["The answer is \\boxed{4}.", "\\boxed{5}", "\\boxed{4}"], ["\\boxed{1}"]]
-    assert count_correct(groups, ["4", None]) == [2, None]
+def test_score_samples_skips_problems_without_gold():
+    groups = [["The answer is \\boxed{4}.", "\\boxed{5}", "\\boxed{4}"], ["\\boxed{1}", "\\boxed{2}", "\\boxed{3}"]]
+    scored = score_samples(groups, [{"solution": "4"}, {"solution": None}])
+    assert scored["correct"] == [2] and scored["num_problems"] == 1 and scored["n"] == 3
+    assert scored["pass_at_k"]["1"] == pytest.approx(2 / 3) and "coverage" not in scored  # one answer per problem
 
 
 def test_sample_pass_at_k_on_the_tiny_model(tiny_model):

@@ -181,7 +181,7 @@ def test_evaluate_pass_at_k_counts_every_sample_drawn():
     def group(right):
         return ["\\boxed{7}"] * right + ["\\boxed{8}"] * (16 - right)
 
-    samples, golds = [group(4), group(3), group(0)], ["7", "7", "7"]
+    samples, golds = [group(4), group(3), group(0)], [{"solution": "7"}] * 3
     result = score_benchmark(samples, golds, k=16, pass_k=4)
     assert result["avg@k"] == pytest.approx(7 / 48)
     assert result["pass@k"]["1"] == pytest.approx(7 / 48)  # pass@1 is the mean accuracy
@@ -190,8 +190,8 @@ def test_evaluate_pass_at_k_counts_every_sample_drawn():
 
     expected = (pass_at_k(16, 4, 4) + pass_at_k(16, 3, 4) + 0.0) / 3
     assert result["pass@k"]["4"] == pytest.approx(expected)
-    full = score_benchmark([group(16)], ["7"], k=16, pass_k=8)
+    full = score_benchmark([group(16)], [{"solution": "7"}], k=16, pass_k=8)
     assert full["pass@k"] == {"1": 1.0, "2": 1.0, "4": 1.0, "8": 1.0}
     # avg@k reads only the first k samples; pass@k all of them
-    few = score_benchmark([group(4)], ["7"], k=2, pass_k=16)
+    few = score_benchmark([group(4)], [{"solution": "7"}], k=2, pass_k=16)
     assert few["avg@k"] == 1.0 and few["pass@k"]["1"] == pytest.approx(4 / 16)
