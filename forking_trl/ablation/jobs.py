@@ -6,15 +6,18 @@ where there are GPUs), Slurm (one array job per experiment), or the debug execut
   again; `--rerun true` trains every run.
 - Failures isolated: a failed run is reported with the end of its log, the others go on; the caller writes the
   results of those that finished and names the others.
-- Ctrl-C cancels the jobs this command started.
+- Ctrl-C, or a SIGTERM to this command (`kill`, a scheduler stopping it), cancels the jobs this command started.
 - Progress: a line per finished run, and an estimate of the time left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,32 +158,33 @@ def run_jobs(specs: list[dict], ab, out: Path, job_fn, report) -> list[Finished]
         report(outcomes[i], len(durations), len(todo), eta())
 
     try:
-        if ab.launcher == "slurm":
-            jobs = submit_slurm(executor, job_fn, [specs[i] for i in todo])
-            for i, job in zip(todo, jobs, strict=True):
-                started[i], running[i] = time.time(), job
-            print(f"slurm: submitted array job {jobs[0].job_id.split('_')[0]} with {len(jobs)} runs", flush=True)
-        queue = [] if ab.launcher == "slurm" else list(todo)
-        slots = gpu_slots(device_count(), ab.processes_per_run) if ab.launcher == "local" else []
-        placed: dict[int, tuple[int, ...]] = {}
-        while queue or running:
-            while queue and len(running) < ab.parallel:
-                i = queue.pop(0)
-                if slots:  # one GPU set each, the least busy (CUDA_VISIBLE_DEVICES of the job)
-                    busy: dict[tuple[int, ...], int] = {}
-                    for j in running:
-                        busy[placed[j]] = busy.get(placed[j], 0) + 1
-                    placed[i] = least_busy(slots, busy)
-                    executor.update_parameters(gpus_per_node=len(placed[i]), visible_gpus=placed[i])
-                started[i] = time.time()
-                running[i] = executor.submit(job_fn, specs[i])
-                if ab.launcher == "debug":  # in this process: it runs when asked for its outcome
-                    finish(i, running.pop(i))
-            for i, job in list(running.items()):
-                if job.done():
-                    finish(i, running.pop(i))
-            if running:
-                time.sleep(POLL_S)
+        with _terminate_as_interrupt():
+            if ab.launcher == "slurm":
+                jobs = submit_slurm(executor, job_fn, [specs[i] for i in todo])
+                for i, job in zip(todo, jobs, strict=True):
+                    started[i], running[i] = time.time(), job
+                print(f"slurm: submitted array job {jobs[0].job_id.split('_')[0]} with {len(jobs)} runs", flush=True)
+            queue = [] if ab.launcher == "slurm" else list(todo)
+            slots = gpu_slots(device_count(), ab.processes_per_run) if ab.launcher == "local" else []
+            placed: dict[int, tuple[int, ...]] = {}
+            while queue or running:
+                while queue and len(running) < ab.parallel:
+                    i = queue.pop(0)
+                    if slots:  # one GPU set each, the least busy (CUDA_VISIBLE_DEVICES of the job)
+                        busy: dict[tuple[int, ...], int] = {}
+                        for j in running:
+                            busy[placed[j]] = busy.get(placed[j], 0) + 1
+                        placed[i] = least_busy(slots, busy)
+                        executor.update_parameters(gpus_per_node=len(placed[i]), visible_gpus=placed[i])
+                    started[i] = time.time()
+                    running[i] = executor.submit(job_fn, specs[i])
+                    if ab.launcher == "debug":  # in this process: it runs when asked for its outcome
+                        finish(i, running.pop(i))
+                for i, job in list(running.items()):
+                    if job.done():
+                        finish(i, running.pop(i))
+                if running:
+                    time.sleep(POLL_S)
     except KeyboardInterrupt:
         for job in running.values():
             try:
@@ -190,6 +194,24 @@ def run_jobs(specs: list[dict], ab, out: Path, job_fn, report) -> list[Finished]
         print(f"\ninterrupted: cancelled {len(running)} running job(s) this command started", flush=True)
         raise
     return [outcomes[i] for i in range(len(specs))]
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Inside the block a SIGTERM is a `KeyboardInterrupt` (in the main thread), so that `kill` cancels the jobs as
+    Ctrl-C does; a killed command would leave its local jobs training as orphans."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _log_tail(job, chars: int = 3000) -> str:
