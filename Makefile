@@ -34,7 +34,7 @@ endif
 endif
 endif
 
-.PHONY: install demo test bench ablation collapse docs docs-serve
+.PHONY: install demo test bench ablation collapse explore docs docs-serve
 
 install: $(STAMP)
 
@@ -76,6 +76,12 @@ ablation: $(STAMP)
 collapse: $(STAMP)
 	$(PY) examples/ablation.py --config examples/recipes/collapse_cpu.yaml --output_dir outputs/collapse
 	$(PY) examples/ablation.py --config examples/recipes/collapse_unstable_cpu.yaml --output_dir outputs/collapse_unstable
+
+# exploration on Countdown in miniature (several solutions per problem): eight arms x 3 seeds (the paper's method and
+# its control, the three entropy methods, branching rollouts with group and tree credit), pass@k and coverage@k to 64;
+# writes outputs/explore/ (results.md and plots). Its duration on 2 CPU cores: docs/explore/index.md
+explore: $(STAMP)
+	$(PY) examples/ablation.py --config examples/recipes/explore_countdown_cpu.yaml --output_dir outputs/explore
 
 # the manual: an MkDocs site from docs/ (strict: a broken link or a missing page fails), into site/
 docs: $(STAMP)

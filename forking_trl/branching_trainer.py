@@ -70,6 +70,9 @@ class BranchingMixin(TrainerExtension):
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos_args, **kwargs):
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)  # TrainerExtension promotes `args`
         self._branching_plan: BranchPlan | None = None
+        self._generated_tokens = (
+            0  # completion tokens sampled while training, this process (see generated_tokens_total)
+        )
         self._branching_rewards_per_func: torch.Tensor | None = None  # (N_all, F), as TRL gathered them
         if self.args.branching:
             self._refuse_unsupported_branching(vars(self))
@@ -106,6 +109,8 @@ class BranchingMixin(TrainerExtension):
     def _generate(self, prompts):
         output = super()._generate(prompts)
         plan = self._branching_plan
+        if self.model.training:  # a branch's copied prefix was not sampled
+            self._generated_tokens += sum(map(len, output[1])) - (sum(plan.prefix) if plan is not None else 0)
         if plan is None:
             return output
         prompt_ids, completion_ids, tool_mask, completions, *rest = output
@@ -266,6 +271,13 @@ class BranchingMixin(TrainerExtension):
 
     # ------------------------------------------------------------------------------------------------------------
     # metrics
+
+    def generated_tokens_total(self) -> int:
+        """Completion tokens sampled while training so far, over all processes (a branch counts its continuation, not
+        its copied prefix; every generation round of dynamic sampling counts): what a run spent on generation, to
+        compare methods per generated token. Call it on every process (one all-reduce)."""
+        local = torch.tensor([self._generated_tokens], dtype=torch.float64, device=self.accelerator.device)
+        return int(self.accelerator.reduce(local, reduction="sum").item())
 
     def _log_branching(self, plan: BranchPlan, rewards: torch.Tensor) -> None:
         """The `branching/*` metrics, summed over all processes in one small all-reduce."""

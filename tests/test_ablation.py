@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from forking_trl.ablation import (
     AblationArguments,
@@ -169,25 +170,37 @@ def test_arms_are_named_configurations_validated_before_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_collapse_recipe_quick_runs_every_entropy_method_pass_at_k_and_a_recipe_arm(tmp_path):
-    """`--quick` over the collapse recipe: its six arms (all, top, random and the three methods) plus an arm defined
-    on the command line, pass@k for the start model and every run, and the methods' metrics in the histories."""
+def test_explore_recipe_quick_runs_every_arm_with_coverage_and_a_recipe_arm(tmp_path):
+    """`--quick` over the exploration recipe (Countdown): its eight arms (all, top, random, the three entropy methods,
+    branching with group and with tree credit) plus an arm defined on the command line; pass@k, coverage@k and the
+    answers' diversity for the start model and every run; the methods' and branching's metrics in the histories; the
+    generated tokens of each run, fewer for branching (copied prefixes are not sampled). It also stands for the
+    collapse recipe's quick run: the same six arms, the same runner, on the chain task (its arms validate below)."""
     # a recipe arm: the entropy advantage on the top tokens, with rho annealed from 1.0 to 0.2 over the 3 steps
     top_adv = {"forking_mode": "top", "forking_ratio": 1.0, "entropy_method": "entropy_adv"}
     top_adv |= {"forking_ratio_schedule": "linear", "forking_ratio_end": 0.2}
-    custom = json.dumps({"top_adv": top_adv})
-    arms = ["all", "top", "random", "clip_cov", "kl_cov", "entropy_adv", "top_adv"]
+    recipe_arms = ["all", "top", "random", "clip_cov", "kl_cov", "entropy_adv", "branching_group", "branching_tree"]
+    arm_configs = yaml.safe_load((ROOT / "examples/recipes/explore_countdown_cpu.yaml").read_text())["arm_configs"]
+    arms = [*recipe_arms, "top_adv"]
     report, stdout = run_quick(
-        "collapse_cpu.yaml",
+        "explore_countdown_cpu.yaml",
         tmp_path,
-        *("--arms", *arms, "--arm_configs", custom),
+        *("--arms", *arms, "--arm_configs", json.dumps({**arm_configs, "top_adv": top_adv})),
         *("--clip_cov_ratio", "0.05", "--clip_cov_lb", "-1000"),  # so that Clip-Cov acts within 3 steps
     )
-    assert list(report["arms"]) == arms
+    assert list(report["arms"]) == arms and report["ablation"]["task"] == "countdown"
     assert report["arm_fields"]["top_adv"] == top_adv
-    assert list(report["start"]["pass_at_k"]["pass_at_k"]) == ["1", "2", "4"]  # --quick: n = 4
+    start = report["start"]
+    assert list(start["pass_at_k"]["pass_at_k"]) == ["1", "2", "4"]  # --quick: n = 4
+    assert (
+        list(start["coverage"]["coverage_at_k"]) == ["1", "2", "4"] and start["coverage"]["solutions_per_problem"] >= 2
+    )
+    assert start["coverage"]["coverage_at_k"]["1"] == pytest.approx(start["pass_at_k"]["pass_at_k"]["1"])
+    assert start["answers"]["distinct_answers"] >= 1
     for arm in arms:
-        assert set(report["arms"][arm]["pass_at_k"]) == {"1", "2", "4"}
+        a = report["arms"][arm]
+        assert set(a["pass_at_k"]) == set(a["coverage"]) == {"1", "2", "4"} and a["distinct_answers"]["n"] == 1
+        assert a["runs"][0]["generated_tokens"] > 0
 
     def seen(arm, key):
         return [h[key] for h in report["arms"][arm]["runs"][0]["history"] if key in h]
@@ -199,9 +212,21 @@ def test_collapse_recipe_quick_runs_every_entropy_method_pass_at_k_and_a_recipe_
     assert max(seen("entropy_adv", "entropy_adv/shaping")) > 0 and max(seen("top_adv", "entropy_adv/shaping")) > 0
     ratios = seen("top_adv", "forking/ratio")  # the schedule as an arm: 1.0, 0.6, 0.2 over the 3 steps
     assert ratios[0] == 1.0 and ratios[-1] == pytest.approx(0.2) and ratios == sorted(ratios, reverse=True)
+    for arm in ("branching_group", "branching_tree"):
+        assert (
+            max(seen(arm, "branching/forks_per_root")) > 0 and min(seen(arm, "branching/generated_tokens_ratio")) < 1
+        )
+        assert (
+            report["arms"][arm]["runs"][0]["generated_tokens"] < report["arms"]["all"]["runs"][0]["generated_tokens"]
+        )
     table = (tmp_path / "results.md").read_text()
-    assert "| kl_cov |" in table and "pass@4 %" in table and "kl_cov vs all" in stdout
-    assert (tmp_path / "pass_at_k.png").stat().st_size > 10_000
+    assert (
+        "| kl_cov |" in table and "pass@4 %" in table and "| model | coverage@1 | coverage@2 | coverage@4 |" in table
+    )
+    assert "distinct answers / problem" in table and "coverage@4 gain per M tokens" in table
+    assert "branching_tree vs all" in stdout and "coverage@4" in stdout
+    for plot in ("pass_at_k.png", "coverage.png"):
+        assert (tmp_path / plot).stat().st_size > 10_000
 
 
 def test_pass_at_k_table_verdicts_and_plot(tmp_path):
@@ -227,7 +252,9 @@ def test_pass_at_k_table_verdicts_and_plot(tmp_path):
     assert (tmp_path / "pass_at_k.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("recipe", ["ablation_cpu.yaml", "collapse_cpu.yaml", "collapse_unstable_cpu.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["ablation_cpu.yaml", "collapse_cpu.yaml", "collapse_unstable_cpu.yaml", "explore_countdown_cpu.yaml"]
+)
 def test_runner_recipes_parse_and_every_arm_validates(recipe, tmp_path, capsys):
     argv = ["--config", str(ROOT / "examples/recipes" / recipe), "--output_dir", str(tmp_path)]
     ab, args = make_parser().parse_args_and_config(argv)
@@ -236,6 +263,11 @@ def test_runner_recipes_parse_and_every_arm_validates(recipe, tmp_path, capsys):
         assert ab.arms == ["all", "top", "random", "clip_cov", "kl_cov", "entropy_adv"] and ab.pass_k == 64
         assert args.steps_per_generation == 2 > args.gradient_accumulation_steps  # KL-Cov's penalty acts
         assert "on-policy" not in capsys.readouterr().out
+    if recipe.startswith("explore"):  # the collapse recipe's six arms and branching, at the same G; Countdown
+        assert ab.arms[:6] == ["all", "top", "random", "clip_cov", "kl_cov", "entropy_adv"] and ab.pass_k == 64
+        assert ab.make_task().spec.min_solutions == 2 and args.steps_per_generation == 2
+        for arm in ("branching_group", "branching_tree"):
+            assert ab.arm_fields(arm)["branching"] is True and args.num_generations == 8
 
 
 def test_dataset_task_drops_held_out_problems_seen_in_training(capsys):
@@ -305,11 +337,11 @@ def test_warm_start_is_the_same_whatever_the_callers_thread_count(tmp_path):
     import torch
 
     from forking_trl.ablation import sft_warm_start
-    from forking_trl.data import synthetic_chain
+    from forking_trl.tasks import Chain
     from forking_trl.tiny import build_tiny_model, torch_threads
 
     base = build_tiny_model(tmp_path / "base", hidden_size=128, num_layers=2)
-    rows = synthetic_chain(64, seed=1)
+    rows = Chain().rows(64, seed=1)
     weights = {}
     for threads in (1, 3):
         with torch_threads(threads):
@@ -319,13 +351,21 @@ def test_warm_start_is_the_same_whatever_the_callers_thread_count(tmp_path):
     assert weights[1] == weights[3]
 
 
-@pytest.mark.parametrize("recipe", ["ablation_cpu", "collapse_cpu", "collapse_unstable_cpu"])
-def test_the_cpu_recipes_start_from_the_shipped_start_model(recipe, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "recipe, task, digest",
+    [
+        ("ablation_cpu", "chain", "268fc282edaaeaaa"),
+        ("collapse_cpu", "chain", "268fc282edaaeaaa"),
+        ("collapse_unstable_cpu", "chain", "268fc282edaaeaaa"),
+        ("explore_countdown_cpu", "countdown", "12654a938b9d8153"),
+    ],
+)
+def test_the_cpu_recipes_start_from_the_shipped_start_model(recipe, task, digest, tmp_path, capsys, monkeypatch):
     """Issue 15, finding 8: the recipes' start model is shipped, so every machine starts from the same weights; it is
     copied (never warmed up) for their settings, and warmed up here when asked to or when the settings differ."""
     import hashlib
 
-    from forking_trl.ablation import BUNDLED_START_MODEL, make_parser, start_model
+    from forking_trl.ablation import BUNDLED_START_MODELS, make_parser, start_model
     from forking_trl.ablation import start as ablation
 
     root = Path(__file__).resolve().parents[1]
@@ -337,9 +377,9 @@ def test_the_cpu_recipes_start_from_the_shipped_start_model(recipe, tmp_path, ca
     path = Path(start_model(ab, tmp_path, train=[]))
     assert warmed == [] and "the one shipped for these settings" in capsys.readouterr().out
     weights = (path / "model.safetensors").read_bytes()
-    assert weights == (BUNDLED_START_MODEL / "model.safetensors").read_bytes()
-    # the weights the README's experiments started from (docs/ablation, docs/collapse)
-    assert hashlib.sha256(weights).hexdigest().startswith("268fc282edaaeaaa")
+    assert weights == (BUNDLED_START_MODELS[task] / "model.safetensors").read_bytes()
+    # the weights the README's experiments started from (docs/ablation, docs/collapse, docs/explore)
+    assert hashlib.sha256(weights).hexdigest().startswith(digest)
     assert json.loads((tmp_path / "start-settings.json").read_text())["origin"] == "shipped"
 
     ab.bundled_start_model = False  # the same settings, warmed up here: replaced, with a message
@@ -494,6 +534,23 @@ def test_local_jobs_are_placed_one_gpu_each_round_robin(tmp_path, monkeypatch):
         jobs.run_jobs(fake_specs(6, tmp_path), job_args(parallel=4), tmp_path, None, lambda *a: None)
     assert [job.spec["devices"] for job in executor.submitted] == [(0,), (1,), (2,), (0,)]
     assert all(job.cancelled for job in executor.submitted)
+
+
+def test_a_sigterm_to_the_runner_cancels_its_jobs_as_ctrl_c_does(tmp_path, monkeypatch):
+    """`kill <runner>` (SIGTERM) left its local jobs training as orphans: only Ctrl-C cancelled them."""
+    import signal
+
+    from forking_trl.ablation import jobs
+
+    executor = FakeExecutor(done_after=100)
+    monkeypatch.setattr(jobs, "make_executor", lambda ab, folder: executor)
+    monkeypatch.setattr(jobs, "device_count", lambda: 0)
+    monkeypatch.setattr(jobs.time, "sleep", lambda s: os.kill(os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        jobs.run_jobs(fake_specs(3, tmp_path), job_args(parallel=2), tmp_path, None, lambda *a: None)
+    assert len(executor.submitted) == 2 and all(job.cancelled for job in executor.submitted)
+    assert signal.getsignal(signal.SIGTERM) is before  # restored once the jobs are done with
 
 
 def test_slurm_submits_one_array_job_with_the_runs_resources(tmp_path, monkeypatch):

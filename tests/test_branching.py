@@ -267,6 +267,17 @@ def test_a_branched_round_copies_each_prefix_and_masks_it_out_of_the_loss(tiny_m
     total = sum(lengths)
     copied = sum(plan.prefix)
     assert metrics["branching/generated_tokens_ratio"] == [pytest.approx((total - copied) / total)]
+    assert trainer.generated_tokens_total() == total - copied  # what the runner compares arms by, per token
+
+
+def test_generated_tokens_count_every_sampled_completion_token_while_training_only(tiny_model, tmp_path):
+    trainer = branching_trainer(tiny_model, tmp_path, branching=False, max_completion_length=16)
+    rows = [row for row in list(prompt_dataset())[:2] for _ in range(G)]
+    trainer.model.train()
+    output = trainer._generate_and_score_completions(rows)
+    trainer.model.eval()  # evaluation rounds do not count
+    trainer._generate_and_score_completions(rows)
+    assert trainer.generated_tokens_total() == int(output["completion_mask"].sum()) > 0
 
 
 def test_the_forks_are_the_best_scored_allowed_positions(tiny_model, tmp_path):

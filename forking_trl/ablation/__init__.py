@@ -36,7 +36,6 @@ from .arguments import (
     ARMS,
     PAPER_ARMS,
     QUICK_FLAGS,
-    REWARD_NAMES,
     TRACKED,
     AblationArguments,
     arm_flags,
@@ -60,14 +59,24 @@ from .report import (
     write_results,
 )
 from .runs import run_arm, run_job, run_spec, write_result
-from .start import BUNDLED_START_MODEL, START_SETTINGS, measure, model_checksum, start_model, sft_warm_start, task_data
+from .start import (
+    BUNDLED_START_MODELS,
+    START_SETTINGS,
+    bundled_start_model,
+    measure,
+    model_checksum,
+    sft_warm_start,
+    start_model,
+    start_settings,
+    task_data,
+)
 
 
 __all__ = [
     "ARMS",
     "ARM_BASE",
     "AblationArguments",
-    "BUNDLED_START_MODEL",
+    "BUNDLED_START_MODELS",
     "CURVES",
     "Curve",
     "LAUNCHERS",
@@ -75,11 +84,11 @@ __all__ = [
     "Measure",
     "PAPER_ARMS",
     "QUICK_FLAGS",
-    "REWARD_NAMES",
     "RunsFailed",
     "START_SETTINGS",
     "TRACKED",
     "arm_flags",
+    "bundled_start_model",
     "cached_result",
     "check_arms",
     "gpu_slots",
@@ -103,6 +112,7 @@ __all__ = [
     "sft_warm_start",
     "spec_key",
     "start_model",
+    "start_settings",
     "task_data",
     "unset_fields",
     "verdicts",
@@ -138,7 +148,7 @@ def run_ablation(argv: list[str]) -> dict:
 
     from ..analysis import plot_histogram, write_html
     from ..tiny import torch_threads
-    from .report import _arm_summary, _start_line, _top_threshold
+    from .report import _arm_summary, _exploration_text, _start_line, _top_threshold
 
     started = time.time()
     ab, training_args = make_parser().parse_args_and_config(argv)
@@ -178,8 +188,8 @@ def run_ablation(argv: list[str]) -> dict:
         acc = result["accuracy"]
         bar.write(
             f"{spec['arm']:>6} seed {spec['seed']}: greedy {100 * acc['greedy']:5.1f}%  avg@{acc['k']} "
-            f"{100 * acc['sampled']:5.1f}%  overlap {100 * result['overlap']['overlap']:5.1f}%  "
-            f"({result['train_seconds']:.0f} s){left}"
+            f"{100 * acc['sampled']:5.1f}%  overlap {100 * result['overlap']['overlap']:5.1f}%"
+            f"{_exploration_text(result)}  ({result['train_seconds']:.0f} s){left}"
         )
 
     with _environment(job_environment(ab.threads_per_run)):

@@ -22,11 +22,16 @@ ARMS = {
     "entropy_adv": {"entropy_method": "entropy_adv"},
 }
 PAPER_ARMS = ["all", "top", "bottom", "random"]
-REWARD_NAMES = ("accuracy_reward",)  # the reward functions every run trains with (forking_trl.rewards)
 TRACKED = (
     *("reward", "entropy", "entropy/p50", "entropy/p80", "entropy/p95", "entropy/share_below_0.01", "forking/ratio"),
     *("cov/mean", "cov/kept", "clip_cov/clipped_fraction", "kl_cov/penalized_fraction", "kl_cov/penalty"),
     *("entropy_adv/shaping", "entropy_adv/capped_fraction"),
+)
+
+
+COUNTDOWN_FIELDS = (
+    *("countdown_num_count", "countdown_low", "countdown_high", "countdown_target_low", "countdown_target_high"),
+    *("countdown_operations", "countdown_min_solutions"),
 )
 
 
@@ -53,15 +58,19 @@ class AblationArguments:
     task: str = field(
         default="chain",
         metadata={
-            "help": "Training data: 'chain' (synthetic two-step +/- arithmetic with a worked chain, the CPU "
-            "miniature) or a dataset for forking_trl.data.load_math_dataset (bundled name or file)."
+            "help": "The task (forking_trl.tasks): 'chain' (synthetic two-step +/- arithmetic with a worked chain, "
+            "one valid path per problem), 'countdown' (reach a target from given numbers: several solutions per "
+            "problem, coverage measured; its ranges are the countdown_* fields), or a math dataset for "
+            "forking_trl.data.load_math_dataset (bundled name or file)."
         },
     )
     eval_dataset: str | None = field(
         default=None,
-        metadata={"help": "Held-out set for a dataset task (bundled name or file); 'chain' makes its own."},
+        metadata={"help": "Held-out set for a dataset task (bundled name or file); generated tasks make their own."},
     )
-    num_train: int = field(default=20000, metadata={"help": "Training problems (chain task; a cap otherwise)."})
+    num_train: int = field(
+        default=20000, metadata={"help": "Training problems (generated tasks; a cap for a dataset)."}
+    )
     num_eval: int = field(default=200, metadata={"help": "Held-out problems (never in the training set)."})
     eval_k: int = field(default=4, metadata={"help": "Samples per held-out problem for sampled avg@k (T = 1)."})
     pass_k: int = field(
@@ -77,6 +86,18 @@ class AblationArguments:
     eval_max_new_tokens: int = field(default=40, metadata={"help": "Completion length at evaluation."})
     eval_batch_size: int = field(default=64, metadata={"help": "Prompts per generate call at evaluation."})
     max_operand: int = field(default=20, metadata={"help": "Chain task: operands from 0 to this."})
+    countdown_num_count: int = field(default=3, metadata={"help": "Countdown: numbers per problem (2 to 5)."})
+    countdown_low: int = field(default=1, metadata={"help": "Countdown: smallest number."})
+    countdown_high: int = field(default=9, metadata={"help": "Countdown: largest number."})
+    countdown_target_low: int = field(default=1, metadata={"help": "Countdown: smallest target."})
+    countdown_target_high: int = field(default=99, metadata={"help": "Countdown: largest target."})
+    countdown_operations: str = field(
+        default="+-*", metadata={"help": "Countdown: the allowed operations, a subset of '+-*/'."}
+    )
+    countdown_min_solutions: int = field(
+        default=1,
+        metadata={"help": "Countdown: only problems with at least this many solutions (up to commutativity)."},
+    )
     start_model: str | None = field(
         default=None,
         metadata={"help": "Start model path or Hub id; None builds the tiny Qwen3 and warm-starts it on the task."},
@@ -202,12 +223,29 @@ class AblationArguments:
         for name in ("pass_k", "pass_k_problems"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}.")
-        if self.task != "chain" and self.eval_dataset is None:
+        from ..tasks import GENERATED
+
+        if self.task not in GENERATED and self.eval_dataset is None:
             raise ValueError(f"task={self.task!r} needs eval_dataset (a bundled name or file held out from it).")
+        self.make_task()  # a bad countdown_* range is a ValueError naming it, here
         if self.quick:  # every stage, small
             self.seeds, self.num_train, self.num_eval, self.eval_k = self.seeds[:1], 2000, 24, 2
             self.sft_steps = min(self.sft_steps, 60)
             self.pass_k, self.pass_k_problems = min(self.pass_k, 4), 8
+
+    def make_task(self):
+        """The task (`forking_trl.tasks`) of these arguments."""
+        from ..tasks import get_task
+
+        if self.task == "chain":
+            return get_task("chain", max_operand=self.max_operand)
+        if self.task == "countdown":
+            spec = {name[len("countdown_") :]: getattr(self, name) for name in COUNTDOWN_FIELDS}
+            try:
+                return get_task("countdown", **spec)
+            except ValueError as err:
+                raise ValueError(f"countdown_* fields: {err}") from None
+        return get_task(self.task, eval_dataset=self.eval_dataset)
 
     def arm_fields(self, arm: str) -> dict:
         """The forking_trl fields that define `arm` (forking_mode, forking_ratio and entropy_method always)."""
@@ -275,6 +313,7 @@ def check_arms(ab: AblationArguments, argv: list[str], out: Path) -> None:
     import contextlib
     import io
 
+    reward_names = ab.make_task().reward_names
     for arm in ab.arms:
         overrides = ab.arm_fields(arm)
         flags = run_flags(argv, ab.quick, arm, 0, out / "runs" / f"{arm}-check", overrides)
@@ -282,7 +321,7 @@ def check_arms(ab: AblationArguments, argv: list[str], out: Path) -> None:
         try:
             with contextlib.redirect_stderr(stderr):
                 _, args = parse_run(flags, unset_fields(overrides))
-            _check_arm_fields(args, overrides)
+            _check_arm_fields(args, overrides, reward_names)
         except (ValueError, SystemExit) as err:
             reason = stderr.getvalue().strip().splitlines()[-1:] or [str(err)]
             raise ValueError(f"arm {arm!r} {overrides} is not a valid configuration: {reason[0]}") from None
@@ -294,7 +333,7 @@ def check_arms(ab: AblationArguments, argv: list[str], out: Path) -> None:
             )
 
 
-def _check_arm_fields(args, overrides: dict) -> None:
+def _check_arm_fields(args, overrides: dict, reward_names: tuple[str, ...]) -> None:
     """What the config validation cannot see: each field the arm sets arrives with its value, and a
     `dynamic_sampling_reward` names one of the reward functions the runs train with."""
     for name, value in overrides.items():
@@ -305,8 +344,8 @@ def _check_arm_fields(args, overrides: dict) -> None:
         if not same:
             raise ValueError(f"{name}={value!r} arrived as {got!r} through the command line")
     reward = args.dynamic_sampling_reward
-    if reward is not None and reward not in REWARD_NAMES:
+    if reward is not None and reward not in reward_names:
         raise ValueError(
             f"dynamic_sampling_reward={reward!r} is not a reward function of the runs: "
-            f"{', '.join(map(repr, REWARD_NAMES))} (or null for the total reward)"
+            f"{', '.join(map(repr, reward_names))} (or null for the total reward)"
         )

@@ -28,8 +28,21 @@ def _start_line(start: dict) -> str:
     return (
         f"start: greedy {100 * acc['greedy']:.1f}%, avg@{acc['k']} {100 * acc['sampled']:.1f}%; "
         f"{100 * ent['share_below_0.01']:.1f}% of tokens below 0.01 nats; p50 {p['p50']:.3f}, p80 {p['p80']:.3f}, "
-        f"p95 {p['p95']:.3f} nats"
+        f"p95 {p['p95']:.3f} nats" + _exploration_text(start)
     )
+
+
+def _exploration_text(result: dict) -> str:
+    """pass@k at the largest k, and coverage there, of a result that has them ('' otherwise)."""
+    out = ""
+    if "pass_at_k" in result:
+        k, v = list(result["pass_at_k"]["pass_at_k"].items())[-1]
+        out += f"; pass@{k} {100 * v:.1f}%"
+    if "coverage" in result:
+        c = result["coverage"]
+        k, v = list(c["coverage_at_k"].items())[-1]
+        out += f", coverage@{k} {v:.2f} of {c['solutions_per_problem']:.2f} solutions per problem"
+    return out
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,20 @@ class Measure:
     of_start: Callable[[dict], float | None] | None = None  # from the start model's measurement: a gain column
     verdict: str | None = None  # its name in the verdicts (None: no verdict)
     plot: str | None = None  # its panel's title in accuracy.png (None: no panel)
+    percent: bool = True  # a share, shown in %, differences in points; else shown as is (`digits` decimals)
+    digits: int = 2
+    optional: bool = False  # only some runs have it (answers: a task with several solutions; generated tokens)
+
+    def shown(self, report: dict) -> bool:
+        """An optional measure that no run has is left out of the report."""
+        return not self.optional or any(a.get(self.key, {}).get("n", 0) > 0 for a in report["arms"].values())
+
+    def text(self, stat: dict) -> str:
+        return _stat(stat, self.percent, self.digits)
+
+
+def _answers(key: str) -> Callable[[dict], float | None]:
+    return lambda r: r.get("answers", {}).get(key)
 
 
 MEASURES = (
@@ -65,6 +92,33 @@ MEASURES = (
     ),
     Measure("overlap", "overlap %", lambda r: r["overlap"]["overlap"]),
     Measure("below_0.01", "tokens < 0.01 nats after %", lambda r: r["entropy"]["share_below_0.01"]),
+    # a task with several solutions per problem: the answers of the pass@k samples (forking_trl.tasks.answer_diversity)
+    Measure(
+        "distinct_answers",
+        "distinct answers / problem",
+        _answers("distinct_answers"),
+        _answers("distinct_answers"),
+        verdict="distinct answers",
+        percent=False,
+        optional=True,
+    ),
+    Measure(
+        "answer_entropy",
+        "answer entropy (nats)",
+        _answers("answer_entropy"),
+        _answers("answer_entropy"),
+        verdict="answer entropy",
+        percent=False,
+        optional=True,
+    ),
+    Measure(
+        "generated_tokens",
+        "generated tokens (M)",
+        lambda r: None if r.get("generated_tokens") is None else r["generated_tokens"] / 1e6,
+        percent=False,
+        digits=3,
+        optional=True,
+    ),
 )
 
 
@@ -76,7 +130,12 @@ class Curve:
     key: str  # in each arm's summary, and the result key of each run and of the start
     values_key: str
     label: str  # "pass@{k}"
-    description: str  # the table's caption
+    description: str  # the table's caption (formatted with the start's entry of the curve)
+    percent: bool = True  # a share of problems, shown in %; else a number (coverage: solutions)
+    unit: str = "% of problems"  # the plot's axis
+
+    def text(self, stat: dict) -> str:
+        return _stat(stat, self.percent, 2)
 
 
 CURVES = (
@@ -87,7 +146,23 @@ CURVES = (
         "pass@k at T = 1 on {num_problems} held-out problems, {n} samples each (unbiased estimator), mean ± standard "
         "deviation over seeds:",
     ),
+    Curve(
+        "coverage",
+        "coverage_at_k",
+        "coverage@{k}",
+        "coverage@k, the expected number of distinct correct solutions among k samples at T = 1 (distinct: the "
+        "expression up to the commutativity of + and ×; unbiased, from {n} samples each), on {num_problems} held-out "
+        "problems with {solutions_per_problem:.2f} solutions each on average; mean ± standard deviation over seeds:",
+        percent=False,
+        unit="distinct correct solutions",
+    ),
 )
+
+
+def _stat(stat: dict, percent: bool, digits: int) -> str:
+    if percent:
+        return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -132,16 +207,13 @@ def write_results(report: dict, out: Path) -> None:
             plot_curve(report, curve, out / f"{curve.key}.png")
 
 
-def _pct(stat: dict) -> str:
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
-
-
 def results_markdown(report: dict) -> str:
     start, arms = report["start"], report["arms"]
     k = start["accuracy"]["k"]
     n_seeds = max((a["greedy"]["n"] for a in arms.values()), default=0)
+    measures = [m for m in MEASURES if m.shown(report)]
     header, rule = ["arm"], ["---"]
-    for m in MEASURES:
+    for m in measures:
         header.append(m.header.format(k=k))
         rule.append("---:")
         if m.of_start is not None:
@@ -163,10 +235,11 @@ def results_markdown(report: dict) -> str:
     ]
     for arm, a in arms.items():
         cells = [arm]
-        for m in MEASURES:
-            cells.append(_pct(a[m.key]))
+        for m in measures:
+            cells.append(m.text(a[m.key]))
             if m.of_start is not None:
-                cells.append(f"{100 * (a[m.key]['mean'] - m.of_start(start)):+.1f}")
+                gain = a[m.key]["mean"] - m.of_start(start)
+                cells.append(f"{100 * gain:+.1f}" if m.percent else f"{gain:+.{m.digits}f}")
         lines.append("| " + " | ".join(cells) + " |")
     for curve in CURVES:
         if curve.key not in start:
@@ -177,12 +250,17 @@ def results_markdown(report: dict) -> str:
             "",
             curve.description.format(**p),
             "",
-            "| model | " + " | ".join(f"{curve.label.format(k=k)} %" for k in ks) + " |",
+            "| model | " + " | ".join(curve.label.format(k=k) + (" %" if curve.percent else "") for k in ks) + " |",
             "|---|" + "---:|" * len(ks),
-            "| start | " + " | ".join(f"{100 * p[curve.values_key][k]:.1f}" for k in ks) + " |",
+            "| start | "
+            + " | ".join(
+                f"{100 * p[curve.values_key][k]:.1f}" if curve.percent else f"{p[curve.values_key][k]:.2f}" for k in ks
+            )
+            + " |",
         ]
         for arm, a in arms.items():
-            lines.append(f"| {arm} | " + " | ".join(_pct(a[curve.key][k]) for k in ks) + " |")
+            lines.append(f"| {arm} | " + " | ".join(curve.text(a[curve.key][k]) for k in ks) + " |")
+    lines += per_token_lines(report)
     lines += ["", *verdicts(report), ""]
     if report.get("failed_runs"):
         lines += ["## Runs that failed (not in the tables above)", ""]
@@ -192,6 +270,48 @@ def results_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def per_token_lines(report: dict) -> list[str]:
+    """Per generated token: each arm's gain over the start model in pass@1 (and in coverage at the largest k, for a
+    task with several solutions), divided by the completion tokens it sampled in training, per million tokens. The
+    same number of optimizer steps can cost different numbers of generated tokens (branching copies prefixes)."""
+    start, arms = report["start"], report["arms"]
+    if "pass_at_k" not in start or any(a.get("generated_tokens", {}).get("n", 0) == 0 for a in arms.values()):
+        return []
+    columns = [("pass_at_k", "1", "pass@1", 100, "points")]
+    if "coverage" in start:
+        k = list(start["coverage"]["coverage_at_k"])[-1]
+        columns.append(("coverage", k, f"coverage@{k}", 1, "solutions"))
+    header = "| arm | generated tokens (M) | " + " | ".join(
+        f"{name} gain per M tokens" for _, _, name, _, _ in columns
+    )
+    lines = [
+        "",
+        "Per generated token: the gain over the start model divided by the completion tokens sampled in training (a "
+        "branch counts its continuation only), in "
+        + " and ".join(f"{unit} ({name})" for _, _, name, _, unit in columns)
+        + " per million tokens, mean ± standard deviation over seeds (each seed's gain over its own tokens):",
+        "",
+        header + " |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
+    for arm, a in arms.items():
+        cells = [arm, _stat(a["generated_tokens"], False, 3)]
+        for key, k, _, scale, _ in columns:
+            base = start[key][_values_key(key)][k]
+            per = [
+                scale * (r[key][_values_key(key)][k] - base) / (r["generated_tokens"] / 1e6)
+                for r in a["runs"]
+                if r.get("generated_tokens")
+            ]
+            cells.append(_stat(_mean_std(per), False, 2))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _values_key(key: str) -> str:
+    return next(c.values_key for c in CURVES if c.key == key)
+
+
 def verdicts(report: dict) -> list[str]:
     """Plain sentences: does each arm differ from `all` by more than the seed spread (two standard errors of the
     difference of the means), in each measure with a verdict (`MEASURES`) and in each curve at its first and last k?"""
@@ -199,24 +319,27 @@ def verdicts(report: dict) -> list[str]:
     if "all" not in arms:
         return ["No `all` arm to compare with."]
     out = []
-    measures = [((m.key,), m.verdict) for m in MEASURES if m.verdict]
+    measures = [((m.key,), m.verdict, m.percent) for m in MEASURES if m.verdict and m.shown(report)]
     for curve in CURVES:
         if curve.key in arms["all"]:
             ks = list(arms["all"][curve.key])
-            measures += [((curve.key, k), curve.label.format(k=k)) for k in dict.fromkeys([ks[0], ks[-1]])]
+            measures += [
+                ((curve.key, k), curve.label.format(k=k), curve.percent) for k in dict.fromkeys([ks[0], ks[-1]])
+            ]
     for arm, a in arms.items():
         if arm == "all":
             continue
         parts = []
-        for path, name in measures:
+        for path, name, percent in measures:
             s, base = _lookup(a, path), _lookup(arms["all"], path)
-            diff = 100 * (s["mean"] - base["mean"])
+            scale, unit, digits = (100, " points", 1) if percent else (1, "", 2)
+            diff = scale * (s["mean"] - base["mean"])
             if min(s["n"], base["n"]) < 2:
-                parts.append(f"{name} {diff:+.1f} points (one seed: no spread to judge it by)")
+                parts.append(f"{name} {diff:+.{digits}f}{unit} (one seed: no spread to judge it by)")
                 continue
-            se2 = 200 * math.sqrt(s["std"] ** 2 / s["n"] + base["std"] ** 2 / base["n"])
+            se2 = 2 * scale * math.sqrt(s["std"] ** 2 / s["n"] + base["std"] ** 2 / base["n"])
             verdict = "exceeds the seed spread" if abs(diff) > se2 else "within the seed spread"
-            parts.append(f"{name} {diff:+.1f} points (two standard errors {se2:.1f}: {verdict})")
+            parts.append(f"{name} {diff:+.{digits}f}{unit} (two standard errors {se2:.{digits}f}: {verdict})")
         out.append(f"- {arm} vs all: " + "; ".join(parts) + ".")
     return out
 
@@ -266,20 +389,23 @@ def plot_curve(report: dict, curve: Curve, path: Path) -> None:
     start = report["start"][curve.key]
     ks = list(start[curve.values_key])
     x = [int(k) for k in ks]
+    scale = 100 if curve.percent else 1
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(x, [100 * start[curve.values_key][k] for k in ks], color="gray", linestyle="--", marker="o", label="start")
+    ax.plot(
+        x, [scale * start[curve.values_key][k] for k in ks], color="gray", linestyle="--", marker="o", label="start"
+    )
     for i, (arm, a) in enumerate(report["arms"].items()):
         stats = [a[curve.key][k] for k in ks]
-        ax.plot(x, [100 * s["mean"] for s in stats], color=f"C{i}", marker="o", markersize=3, label=arm)
-        low = [100 * min(v for v in s["values"] if v is not None) for s in stats]
-        high = [100 * max(v for v in s["values"] if v is not None) for s in stats]
+        ax.plot(x, [scale * s["mean"] for s in stats], color=f"C{i}", marker="o", markersize=3, label=arm)
+        low = [scale * min(v for v in s["values"] if v is not None) for s in stats]
+        high = [scale * max(v for v in s["values"] if v is not None) for s in stats]
         ax.fill_between(x, low, high, color=f"C{i}", alpha=0.12)
     ax.set_xscale("log", base=2)
     ax.set_xticks(x, ks)
     label = curve.label.format(k="k")
     ax.set(
         xlabel="k (samples drawn)",
-        ylabel=f"{label}, % of problems",
+        ylabel=f"{label}, {curve.unit}",
         title=f"{label} at T = 1, {start['num_problems']} held-out problems, n = {start['n']}",
     )
     ax.legend(fontsize=8)

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .arguments import REWARD_NAMES, TRACKED, parse_run, run_flags, unset_fields
+from .arguments import TRACKED, parse_run, run_flags, unset_fields
 from .jobs import spec_key
 from .start import measure, task_data
 
@@ -91,12 +91,12 @@ def run_arm(spec: dict) -> dict | None:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
 
-    from .. import rewards
     from ..analysis import ScoredCompletion
     from ..trainer import ForkingGRPOTrainer
 
     torch.set_num_threads(spec["threads"])
     ab, args = parse_run(spec["argv"], spec.get("unset", []))
+    task = ab.make_task()
     train, held = task_data(ab)
     history: list[dict] = []
 
@@ -108,9 +108,9 @@ def run_arm(spec: dict) -> dict | None:
     started = time.time()
     trainer = ForkingGRPOTrainer(
         spec["start_model"],
-        [getattr(rewards, name) for name in REWARD_NAMES],
+        task.reward_funcs(),
         args=args,
-        train_dataset=Dataset.from_list([{"prompt": r["prompt"], "solution": r["solution"]} for r in train]),
+        train_dataset=Dataset.from_list(task.training_rows(train)),
         processing_class=AutoTokenizer.from_pretrained(spec["start_model"]),
         callbacks=[Record()],
     )
@@ -118,6 +118,7 @@ def run_arm(spec: dict) -> dict | None:
     final = Path(spec["output_dir"]) / "final"
     trainer.save_model(str(final))  # on the main process (ZeRO-3: gathered)
     train_seconds = time.time() - started
+    generated = trainer.generated_tokens_total()  # every process's
     main = trainer.accelerator.is_main_process
     if trainer.accelerator.num_processes > 1:
         trainer.end_distributed()  # the measurement is the main process's alone
@@ -128,5 +129,6 @@ def run_arm(spec: dict) -> dict | None:
     start_scored = [ScoredCompletion(**s) for s in start["scored"]]
     result, _, _ = measure(str(final), ab, held, start_samples, start_scored)
     result.update(arm=spec["arm"], seed=spec["seed"], history=history, train_seconds=round(train_seconds, 1))
+    result.update(generated_tokens=generated)  # completion tokens sampled in training (a branch: its continuation)
     result.update(train_started=started, train_finished=started + train_seconds)  # wall clock, seconds since epoch
     return result

@@ -11,40 +11,9 @@ from .arguments import AblationArguments
 
 
 def task_data(ab: AblationArguments) -> tuple[list[dict], list[dict]]:
-    """(train rows, held-out rows), each `prompt` + `solution`; held-out problems never appear in training."""
-    from ..data import load_math_dataset, synthetic_chain
-
-    if ab.task == "chain":
-        train = synthetic_chain(ab.num_train, seed=1, max_operand=ab.max_operand)
-        seen = {r["prompt"][0]["content"] for r in train}
-        pool = synthetic_chain(20 * ab.num_eval, seed=2, max_operand=ab.max_operand)
-        held = [r for r in pool if r["prompt"][0]["content"] not in seen][: ab.num_eval]
-        return train, held
-    train = list(load_math_dataset(ab.task, limit=ab.num_train))
-    seen = {json.dumps(r["prompt"]) for r in train}
-    pool = load_math_dataset(ab.eval_dataset)
-    if ab.num_eval < len(pool):
-        pool = pool.shuffle(seed=1)  # the order `limit` would give
-    held, dropped = [], 0
-    for row in pool:  # one pass, stopping once num_eval unseen problems are found
-        if json.dumps(row["prompt"]) in seen:
-            dropped += 1
-        else:
-            held.append(row)
-            if len(held) == ab.num_eval:
-                break
-    if not held:
-        raise ValueError(
-            f"no held-out problem is left: every problem of eval_dataset={ab.eval_dataset!r} is in the training set "
-            f"(task={ab.task!r}, num_train={ab.num_train}). Hold out another set, or lower num_train."
-        )
-    if dropped:
-        print(
-            f"held-out set: dropped {dropped} problem(s) of {ab.eval_dataset!r} that are in the training set; "
-            f"{len(held)} remain",
-            flush=True,
-        )
-    return train, held
+    """(train rows, held-out rows) of the experiment's task (`forking_trl.tasks`); held-out problems never appear in
+    training."""
+    return ab.make_task().split(ab.num_train, ab.num_eval)
 
 
 def sft_warm_start(base: Path, out: Path, rows: list[dict], *, steps: int, lr: float, batch_size: int, seed: int):
@@ -92,19 +61,35 @@ def _warm_start(base: Path, out: Path, rows: list[dict], *, steps: int, lr: floa
     tokenizer.save_pretrained(out)
 
 
-# the tiny start model of the recipes' settings (its start-settings.json), built by sft_warm_start on this project's
-# machine: shipped so that every machine starts from the same weights (bundled_data/README.md)
-BUNDLED_START_MODEL = Path(__file__).resolve().parents[1] / "bundled_data" / "start_model"
-# what the tiny start model is built from: recorded beside it, and compared when an output directory is reused
-START_SETTINGS = (
-    *("task", "num_train", "max_operand", "tiny_hidden_size", "tiny_num_layers"),
-    *("sft_steps", "sft_learning_rate", "sft_batch_size"),
-)
+# the tiny start models of the CPU recipes' settings (each with its start-settings.json), built by sft_warm_start on
+# this project's machine: shipped so that every machine starts from the same weights (bundled_data/README.md)
+BUNDLED_START_MODELS = {
+    "chain": Path(__file__).resolve().parents[1] / "bundled_data" / "start_model",
+    "countdown": Path(__file__).resolve().parents[1] / "bundled_data" / "start_model_countdown",
+}
+# what the tiny start model is built from, beside the task's own settings: recorded beside it, and compared when an
+# output directory is reused
+START_SETTINGS = ("task", "num_train", "tiny_hidden_size", "tiny_num_layers", "sft_steps", "sft_learning_rate")
+START_SETTINGS += ("sft_batch_size",)
+
+
+def start_settings(ab: AblationArguments) -> dict:
+    """What the tiny start model of `ab` is built from: `START_SETTINGS` and the task's settings."""
+    return {**{name: getattr(ab, name) for name in START_SETTINGS}, **ab.make_task().settings()}
+
+
+def bundled_start_model(settings: dict) -> Path | None:
+    """The shipped start model made with exactly `settings`, if there is one."""
+    for path in BUNDLED_START_MODELS.values():
+        record = path / "start-settings.json"
+        if record.exists() and json.loads(record.read_text()) == settings:
+            return path
+    return None
 
 
 def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
-    """The start model: `ab.start_model`; or the tiny Qwen3 of `START_SETTINGS`, the shipped one when those are its
-    settings (`ab.bundled_start_model`), else warm-started in `out`. What is in `out` is reused only when it has the
+    """The start model: `ab.start_model`; or the tiny Qwen3 of `start_settings(ab)`, a shipped one when those are its
+    settings (`ab.bundled_start_model`), else warm-started in `out` on the task's worked completions. What is in `out` is reused only when it has the
     same settings and origin (recorded in `out/start-settings.json`); else it is replaced, with a message."""
     if ab.start_model is not None:
         return ab.start_model
@@ -112,10 +97,8 @@ def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
 
     from ..tiny import build_tiny_model
 
-    settings = {name: getattr(ab, name) for name in START_SETTINGS}
-    shipped = ab.bundled_start_model and settings == json.loads(
-        (BUNDLED_START_MODEL / "start-settings.json").read_text()
-    )
+    settings = start_settings(ab)
+    shipped = bundled_start_model(settings) if ab.bundled_start_model else None
     wanted = {**settings, "origin": "shipped" if shipped else "built here"}
     record, model = out / "start-settings.json", out / "start-model"
     made = [out / "start-base", model]
@@ -133,9 +116,7 @@ def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
             for path in made:
                 shutil.rmtree(path, ignore_errors=True)
     if shipped and not (model / "config.json").exists():
-        shutil.copytree(
-            BUNDLED_START_MODEL, model, ignore=shutil.ignore_patterns("start-settings.json"), dirs_exist_ok=True
-        )
+        shutil.copytree(shipped, model, ignore=shutil.ignore_patterns("start-settings.json"), dirs_exist_ok=True)
         print(
             f"start model: the one shipped for these settings, copied to {model} (the same weights on every "
             "machine; --bundled_start_model false warms one up here)",
@@ -153,20 +134,28 @@ def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
 
 
 def measure(model_path: str, ab: AblationArguments, held: list[dict], start_samples=None, start_scored=None) -> dict:
-    """Held-out accuracy and entropy pattern of a model; with the start model's samples and entropies, the overlap
-    of its top-20% positions with the start model's (teacher forced on the start model's completions)."""
+    """Held-out accuracy and entropy pattern of a model, graded by the task; with `pass_k`, pass@k (and for a task
+    with several solutions, `coverage` and `answers`); with the start model's samples and entropies, the overlap of
+    its top-20% positions with the start model's (teacher forced on the start model's completions)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..analysis import entropy_summary, overlap_summary, score_entropies
     from ..evaluation import evaluate, sample_pass_at_k
 
+    task = ab.make_task()
     torch.manual_seed(1234)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").to(device).eval()
     ev = evaluate(
-        model, tokenizer, held, k=ab.eval_k, max_new_tokens=ab.eval_max_new_tokens, batch_size=ab.eval_batch_size
+        model,
+        tokenizer,
+        held,
+        k=ab.eval_k,
+        max_new_tokens=ab.eval_max_new_tokens,
+        batch_size=ab.eval_batch_size,
+        task=task,
     )
     scored = score_entropies(model, tokenizer, ev.samples, batch_size=ab.eval_batch_size)
     summary = entropy_summary(scored)
@@ -176,14 +165,19 @@ def measure(model_path: str, ab: AblationArguments, held: list[dict], start_samp
     }
     if ab.pass_k:
         problems = held[: ab.pass_k_problems or len(held)]
-        result["pass_at_k"] = sample_pass_at_k(
+        sampled = sample_pass_at_k(
             model,
             tokenizer,
             problems,
             n=ab.pass_k,
             max_new_tokens=ab.eval_max_new_tokens,
             batch_size=ab.eval_batch_size,
+            task=task,
         )
+        result["pass_at_k"] = {k: sampled[k] for k in ("n", "num_problems", "pass_at_k", "correct")}
+        for key in ("coverage", "answers"):  # a task with several solutions per problem
+            if key in sampled:
+                result[key] = sampled[key]
     if start_samples is not None:
         on_start = score_entropies(model, tokenizer, start_samples, batch_size=ab.eval_batch_size)
         overlap = overlap_summary(start_scored, on_start, ratio=0.2)
