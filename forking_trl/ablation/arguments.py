@@ -26,6 +26,8 @@ TRACKED = (
     *("reward", "entropy", "entropy/p50", "entropy/p80", "entropy/p95", "entropy/share_below_0.01", "forking/ratio"),
     *("cov/mean", "cov/kept", "clip_cov/clipped_fraction", "kl_cov/penalized_fraction", "kl_cov/penalty"),
     *("entropy_adv/shaping", "entropy_adv/capped_fraction"),
+    *("branching/forks_per_root", "branching/generated_tokens_ratio", "branching/changed_outcome"),
+    *("branching/distinct_answers", "branching/fresh_samples"),
 )
 
 
@@ -166,7 +168,10 @@ class AblationArguments:
     )
     quick: bool = field(
         default=False,
-        metadata={"help": "Every stage on a small setting (under a minute on 2 CPU cores): a smoke test."},
+        metadata={
+            "help": "Every stage on a small setting (a minute or two on 2 CPU cores): a smoke test. It starts from the "
+            "shipped start model when the recipe's settings have one, else from a 60-step warm start."
+        },
     )
 
     def __post_init__(self):
@@ -228,7 +233,13 @@ class AblationArguments:
         if self.task not in GENERATED and self.eval_dataset is None:
             raise ValueError(f"task={self.task!r} needs eval_dataset (a bundled name or file held out from it).")
         self.make_task()  # a bad countdown_* range is a ValueError naming it, here
-        if self.quick:  # every stage, small
+        if self.quick:  # every stage, small; from the shipped start model where the recipe has one
+            from .start import bundled_start_model, start_settings
+
+            shipped = self.bundled_start_model and self.start_model is None
+            shipped = shipped and bundled_start_model(start_settings(self))
+            if shipped:  # a warm start of 60 steps may solve nothing: no reward, no gradient, nothing tested
+                self.start_model = str(shipped)
             self.seeds, self.num_train, self.num_eval, self.eval_k = self.seeds[:1], 2000, 24, 2
             self.sft_steps = min(self.sft_steps, 60)
             self.pass_k, self.pass_k_problems = min(self.pass_k, 4), 8
