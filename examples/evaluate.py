@@ -7,8 +7,12 @@ held-out split of a generated task (`chain`, `countdown`: with the coverage of e
 pass@k for k = 1, 2, 4, ..., N from N samples per problem (the unbiased estimator of Chen et al. 2021):
 
     python examples/evaluate.py --model M --benchmarks aime24 aime25 --pass_k 64 --max_new_tokens 8192
-    python examples/evaluate.py --model outputs/explore/start-model --benchmarks countdown --limit 200 --pass_k 64 \
-        --max_new_tokens 48
+
+The held-out problems of an experiment's recipe (its task, its settings, its split: what the runner measures), e.g.
+Countdown with the coverage of each problem's solutions:
+
+    python examples/evaluate.py --model outputs/explore/runs/top-seed0/final \
+        --recipe examples/recipes/explore_countdown_cpu.yaml --pass_k 64 --max_new_tokens 48
 
 The paper's decoding experiment (higher temperature on forking tokens) is one flag away:
 
@@ -35,9 +39,16 @@ from forking_trl.evaluation import MATH, pass_at_k_ks, score_samples  # noqa: E4
 from forking_trl.tasks import GENERATED, MathDataset, Task, get_task  # noqa: E402
 
 
-def benchmark(name: str, limit: int | None) -> tuple[Task, list[dict]]:
+def benchmark(name: str, limit: int | None, recipe: str | None = None) -> tuple[Task, list[dict]]:
     """(task, rows) of a benchmark: a bundled name or file (a math dataset, in order, the first `limit` problems),
-    or a generated task's held-out split at its default settings (`limit` problems, 200 by default)."""
+    a generated task's held-out split at its default settings (`limit` problems, 200 by default), or with `recipe`
+    the held-out split of that experiment recipe's task (the runner's `num_eval` problems, or the first `limit`)."""
+    if recipe is not None:
+        from forking_trl.ablation import make_parser, task_data
+
+        ab, _ = make_parser().parse_args_and_config(["--config", recipe, "--output_dir", "unused"])
+        held = task_data(ab)[1]
+        return ab.make_task(), held[:limit] if limit else held
     if name in GENERATED:
         task = get_task(name)
         return task, task.split(20000, limit or 200)[1]  # the runner's default training set is held out from
@@ -144,6 +155,12 @@ def main():
         help="samples per problem for pass@k at k = 1, 2, 4, ..., pass_k (unbiased estimator); 0: off. avg@k is "
         "then taken from the first k of them",
     )
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        help="an experiment recipe (examples/recipes/*.yaml): evaluate on its task's held-out split instead of "
+        "--benchmarks",
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
     parser.add_argument("--max_new_tokens", type=int, default=4096)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -174,8 +191,10 @@ def main():
 
     results, started = {}, time.time()
     generate = (vllm_generator if backend == "vllm" else transformers_generator)(args.model, args)
-    for name in args.benchmarks:
-        task, rows = benchmark(name, args.limit)  # math: the instruction is added only where the problem lacks one
+    for name in [f"{Path(args.recipe).stem} (held out)"] if args.recipe else args.benchmarks:
+        task, rows = benchmark(
+            name, args.limit, args.recipe
+        )  # math: the instruction is added only where the problem lacks one
         results[name] = score_benchmark(generate([row["prompt"] for row in rows]), rows, args.k, args.pass_k, task)
 
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -188,15 +207,19 @@ def main():
     }
     Path(args.output).write_text(json.dumps(report, indent=2))
     ks = list(next(iter(results.values())).get("pass@k", {})) if results else []
-    print(f"\n{'benchmark':<16}{'avg@' + str(args.k):>10}{'problems':>10}" + "".join(f"{'pass@' + k:>10}" for k in ks))
+    width = max(16, *(len(name) + 2 for name in results))
+    print(
+        f"\n{'benchmark':<{width}}{'avg@' + str(args.k):>10}{'problems':>10}"
+        + "".join(f"{'pass@' + k:>10}" for k in ks)
+    )
     for name, r in results.items():
         value = f"{100 * r['avg@k']:.1f}" if r["avg@k"] is not None else "-"
         passes = "".join(f"{100 * r['pass@k'][k]:>10.1f}" for k in ks)
-        print(f"{name:<16}{value:>10}{r['problems']:>10}{passes}")
+        print(f"{name:<{width}}{value:>10}{r['problems']:>10}{passes}")
         if "coverage" in r:
             c = r["coverage"]
             print(
-                f"{'':<16}distinct correct solutions found among k samples (coverage@k): "
+                f"{'':<{width}}distinct correct solutions found among k samples (coverage@k): "
                 + ", ".join(f"k={k} {v:.2f}" for k, v in c["coverage_at_k"].items())
                 + f"; the problems have {c['solutions_per_problem']:.2f} on average"
             )

@@ -195,3 +195,22 @@ def test_evaluate_pass_at_k_counts_every_sample_drawn():
     # avg@k reads only the first k samples; pass@k all of them
     few = score_benchmark([group(4)], [{"solution": "7"}], k=2, pass_k=16)
     assert few["avg@k"] == 1.0 and few["pass@k"]["1"] == pytest.approx(4 / 16)
+
+
+def test_evaluate_takes_a_recipes_held_out_split_and_grades_it_with_its_task():
+    """`--recipe`: the runner's held-out problems of that recipe (Countdown: its settings, not the defaults), graded
+    by its task, with the coverage of the solutions; a math benchmark keeps math-verify's grading."""
+    from evaluate import benchmark, score_benchmark
+
+    from forking_trl.ablation import make_parser, task_data
+
+    recipe = str(ROOT / "examples/recipes/explore_countdown_cpu.yaml")
+    task, rows = benchmark("ignored", None, recipe)
+    ab, _ = make_parser().parse_args_and_config(["--config", recipe, "--output_dir", "unused"])
+    assert rows == task_data(ab)[1] and len(rows) == 200 and task.name == "countdown"
+    assert all(len(r["solutions"]) >= 2 for r in rows)  # the recipe's min_solutions, not the default 1
+    samples = [[f"\\boxed{{{s}}}" for s in r["solutions"][:2]] for r in rows[:3]]
+    result = score_benchmark(samples, rows[:3], k=2, pass_k=2, task=task)
+    assert result["avg@k"] == 1.0 and result["coverage"]["coverage_at_k"]["2"] == 2.0
+    math_task, aime = benchmark("aime24", 3)
+    assert len(aime) == 3 and math_task.grade(["\\boxed{0}"], aime[:1]) in ([0.0], [1.0])
