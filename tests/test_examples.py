@@ -17,13 +17,13 @@ def run(args, cwd):
     return done.stdout
 
 
-# the ablation runner's recipes (ablation_*, collapse_*) go through its own parser: tests/test_ablation.py
+# the ablation runner's recipes (ablation_*, collapse_*, explore_*) go through its own parser: tests/test_ablation.py
 @pytest.mark.parametrize(
     "recipe",
     sorted(
         p.name
         for p in (ROOT / "examples" / "recipes").glob("*.yaml")
-        if not p.name.startswith(("ablation_", "collapse_"))
+        if not p.name.startswith(("ablation_", "collapse_", "explore_"))
     ),
 )
 def test_recipes_parse_with_the_script_parser(recipe):
