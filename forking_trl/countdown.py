@@ -182,11 +182,7 @@ def generate(spec: CountdownSpec, count: int, seed: int = 0, max_tries: int = 20
     tries = 0
     while len(out) < count:
         nums = tuple(sorted(rng.randint(spec.low, spec.high) for _ in range(spec.num_count)))
-        reachable = sorted(
-            int(v)
-            for v, found in _solve(nums, ops).items()
-            if v.denominator == 1 and spec.target_low <= v <= spec.target_high and len(found) >= spec.min_solutions
-        )
+        reachable = _targets(nums, ops, spec.target_low, spec.target_high, spec.min_solutions)
         if not reachable:
             tries += 1
             if tries > max_tries:
@@ -197,6 +193,7 @@ def generate(spec: CountdownSpec, count: int, seed: int = 0, max_tries: int = 20
     return out
 
 
+@lru_cache(maxsize=65536)
 def worked(solution: str) -> str:
     """A worked completion for a solution: each operation as a step, innermost first, then the answer boxed:
     `(3 + 5) * 7` -> `3 + 5 = 8. 8 * 7 = 56. The answer is \\boxed{(3 + 5) * 7}.` (a step's result is written as
@@ -222,6 +219,18 @@ def _number_text(value: Fraction) -> str:
 def prompt_text(nums, target: int, operations: str = "+-*/") -> str:
     """The task's question: `Make 56 from 3, 5, 7 with + - * (each number once).`"""
     return f"Make {target} from {', '.join(map(str, nums))} with {' '.join(operations)} (each number once)."
+
+
+@lru_cache(maxsize=4096)
+def _targets(nums: tuple[int, ...], ops: tuple[str, ...], low: int, high: int, min_solutions: int) -> tuple[int, ...]:
+    """The whole targets in [low, high] that `nums` reach by at least `min_solutions` distinct expressions."""
+    return tuple(
+        sorted(
+            int(v)
+            for v, found in _solve(nums, ops).items()
+            if v.denominator == 1 and low <= v <= high and len(found) >= min_solutions
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------

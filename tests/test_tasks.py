@@ -21,6 +21,8 @@ def test_chain_and_arithmetic_rows_are_those_the_experiments_ran_on():
     train, held = Chain().split(20000, 200)
     assert digest([train, held]) == "42ddd5c7e65c8fc3"
     assert digest(Arithmetic().rows(4096, 1)) == "8c3bdd005c9eb3ae"
+    # the exploration experiment's rows (docs/explore): its recipe's Countdown settings and sizes
+    assert digest(Countdown(CountdownSpec(min_solutions=2)).split(20000, 200)) == "2d7008fe08cdcb65"
     for row in Arithmetic().rows(50, 1):
         assert row["completion"].endswith(f"\\boxed{{{row['solution']}}}.")
 
