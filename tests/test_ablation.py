@@ -225,7 +225,7 @@ def test_explore_recipe_quick_runs_every_arm_with_coverage_and_a_recipe_arm(tmp_
     )
     assert "distinct answers / problem" in table and "coverage@4 gain per M tokens" in table
     assert "branching_tree vs all" in stdout and "coverage@4" in stdout
-    for plot in ("pass_at_k.png", "coverage.png"):
+    for plot in ("pass_at_k.png", "coverage.png", "exploration.png"):
         assert (tmp_path / plot).stat().st_size > 10_000
 
 
@@ -250,6 +250,7 @@ def test_pass_at_k_table_verdicts_and_plot(tmp_path):
     (line,) = verdicts(report)
     assert "pass@1 +9.0 points" in line and "pass@4 +18.0 points" in line and "exceeds the seed spread" in line
     assert (tmp_path / "pass_at_k.png").stat().st_size > 10_000
+    assert (tmp_path / "exploration.png").stat().st_size > 10_000  # pass@1 against pass@4, one dot per run
 
 
 @pytest.mark.parametrize(

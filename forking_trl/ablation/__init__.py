@@ -17,7 +17,8 @@ each piece:
 - `report`: summaries over seeds, `results.json`, `results.md` (tables, verdicts), plots; a measure is one entry of
   `report.MEASURES` (or `report.CURVES` for one at several k) and appears in the table, the verdicts and the plots.
 
-Outputs: `results.json`, `results.md`, `accuracy.png`, `entropy_training.png`, `pass_at_k.png` (with pass@k),
+Outputs: `results.json`, `results.md`, `accuracy.png`, `entropy_training.png`, `pass_at_k.png` and `exploration.png`
+(with pass@k: pass@1 against exploration, one dot per run), `coverage.png` (a task with several solutions),
 `start_entropy_histogram.png`, `start_tokens.html`; `runs/<arm>-seed<seed>/` (each run's spec, result and model)
 and `jobs/` (submitit's logs).
 """

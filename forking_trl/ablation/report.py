@@ -205,6 +205,8 @@ def write_results(report: dict, out: Path) -> None:
     for curve in CURVES:
         if curve.key in report["start"]:
             plot_curve(report, curve, out / f"{curve.key}.png")
+    if "pass_at_k" in report["start"]:
+        plot_exploration(report, out / "exploration.png")
 
 
 def results_markdown(report: dict) -> str:
@@ -409,6 +411,41 @@ def plot_curve(report: dict, curve: Curve, path: Path) -> None:
         title=f"{label} at T = 1, {start['num_problems']} held-out problems, n = {start['n']}",
     )
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_exploration(report: dict, path: Path) -> None:
+    """Exploitation against exploration, one dot per run: pass@1 against coverage at the largest k (or pass@k there,
+    for a task with one solution per problem); the start model a star. Up and to the right is better; a method that
+    trades exploration for accuracy moves right and down from the start."""
+    plt = _pyplot()
+    start = report["start"]
+    key = "coverage" if "coverage" in start else "pass_at_k"
+    curve = next(c for c in CURVES if c.key == key)
+    k = list(start[key][curve.values_key])[-1]
+    scale = 100 if curve.percent else 1
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for i, (arm, a) in enumerate(report["arms"].items()):
+        runs = [r for r in a["runs"] if key in r and "pass_at_k" in r]
+        x = [100 * r["pass_at_k"]["pass_at_k"]["1"] for r in runs]
+        y = [scale * r[key][curve.values_key][k] for r in runs]
+        ax.scatter(x, y, color=f"C{i}", label=arm, s=28)
+        if x:
+            ax.scatter([statistics.fmean(x)], [statistics.fmean(y)], color=f"C{i}", marker="x", s=60)
+    ax.scatter(
+        [100 * start["pass_at_k"]["pass_at_k"]["1"]],
+        [scale * start[key][curve.values_key][k]],
+        color="gray",
+        marker="*",
+        s=160,
+        label="start",
+        zorder=3,
+    )
+    ylabel = curve.label.format(k=k) + ("" if curve.percent else f", {curve.unit}") + (" %" if curve.percent else "")
+    ax.set(xlabel="pass@1 % (exploitation)", ylabel=ylabel, title="Each run after training (x: the arm's mean)")
+    ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
