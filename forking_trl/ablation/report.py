@@ -375,7 +375,7 @@ def plot_accuracy(report: dict, path: Path) -> None:
             values = [100 * v for v in stat["values"] if v is not None]
             ax.scatter([i] * len(values), values, color=f"C{i}", zorder=3, s=14)
         if m.of_start is not None:
-            ax.axhline(100 * m.of_start(start), color="gray", linestyle="--", linewidth=1, label="start model")
+            ax.axhline(100 * m.of_start(start), color="black", linestyle="--", linewidth=1, label="start model")
             ax.legend(loc="lower right")
         ax.set_xticks(range(len(arms)), list(arms))
         ax.set(title=f"Held-out, {m.plot.format(k=k)}", ylabel="%")
@@ -394,7 +394,7 @@ def plot_curve(report: dict, curve: Curve, path: Path) -> None:
     scale = 100 if curve.percent else 1
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(
-        x, [scale * start[curve.values_key][k] for k in ks], color="gray", linestyle="--", marker="o", label="start"
+        x, [scale * start[curve.values_key][k] for k in ks], color="black", linestyle="--", marker="o", label="start"
     )
     for i, (arm, a) in enumerate(report["arms"].items()):
         stats = [a[curve.key][k] for k in ks]
@@ -437,7 +437,7 @@ def plot_exploration(report: dict, path: Path) -> None:
     ax.scatter(
         [100 * start["pass_at_k"]["pass_at_k"]["1"]],
         [scale * start[key][curve.values_key][k]],
-        color="gray",
+        color="black",
         marker="*",
         s=160,
         label="start",
