@@ -103,8 +103,24 @@ def _enough(held: list[dict], num_eval: int, task: Task, num_train: int) -> list
 # synthetic arithmetic: one valid path per problem
 
 
+class _Drawn(Task):
+    """A generated task with one valid path per problem (its `rows(n, seed)`, its `seed`): training rows drawn with
+    `seed + 1` (problems repeat when the space is small), held-out ones with `seed + 2` and without the training
+    prompts."""
+
+    seed: int
+
+    def rows(self, n: int, seed: int) -> list[dict]:
+        raise NotImplementedError
+
+    def split(self, num_train: int, num_eval: int) -> tuple[list[dict], list[dict]]:
+        train = self.rows(num_train, self.seed + 1)
+        held = _held_out(self.rows(20 * num_eval, self.seed + 2), {_prompt_key(r) for r in train}, num_eval)[0]
+        return train, _enough(held, num_eval, self, num_train)
+
+
 @dataclass
-class Arithmetic(Task):
+class Arithmetic(_Drawn):
     """`What is 7 + 12?` -> `7 + 12 = 19. The answer is \\boxed{19}.`: operands 0 to `max_operand` (the demo's)."""
 
     max_operand: int = 9
@@ -127,19 +143,12 @@ class Arithmetic(Task):
             )
         return out
 
-    def split(self, num_train: int, num_eval: int) -> tuple[list[dict], list[dict]]:
-        """Training rows drawn with `seed + 1` (problems repeat: the space is small), held-out ones with `seed + 2`
-        and without the training prompts."""
-        train = self.rows(num_train, self.seed + 1)
-        held = _held_out(self.rows(20 * num_eval, self.seed + 2), {_prompt_key(r) for r in train}, num_eval)[0]
-        return train, _enough(held, num_eval, self, num_train)
-
     def settings(self) -> dict:
         return {"max_operand": self.max_operand}
 
 
 @dataclass
-class Chain(Task):
+class Chain(_Drawn):
     """Chained +/- arithmetic with a worked chain: `What is 7 + 12 - 5?` -> `7 + 12 = 19. 19 - 5 = 14. The answer
     is \\boxed{14}.` Operands 0 to `max_operand`, `steps` operations.
 
@@ -173,12 +182,6 @@ class Chain(Task):
                 }
             )
         return out
-
-    def split(self, num_train: int, num_eval: int) -> tuple[list[dict], list[dict]]:
-        """Training rows drawn with `seed + 1`, held-out ones with `seed + 2` and without the training prompts."""
-        train = self.rows(num_train, self.seed + 1)
-        held = _held_out(self.rows(20 * num_eval, self.seed + 2), {_prompt_key(r) for r in train}, num_eval)[0]
-        return train, _enough(held, num_eval, self, num_train)
 
     def settings(self) -> dict:
         return {"max_operand": self.max_operand, **({"steps": self.steps} if self.steps != 2 else {})}

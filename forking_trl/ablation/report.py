@@ -279,39 +279,36 @@ def per_token_lines(report: dict) -> list[str]:
     start, arms = report["start"], report["arms"]
     if "pass_at_k" not in start or any(a.get("generated_tokens", {}).get("n", 0) == 0 for a in arms.values()):
         return []
-    columns = [("pass_at_k", "1", "pass@1", 100, "points")]
+    curves = {c.key: c for c in CURVES}
+    columns = [(curves["pass_at_k"], "1")]  # pass@1, and coverage at its largest k
     if "coverage" in start:
-        k = list(start["coverage"]["coverage_at_k"])[-1]
-        columns.append(("coverage", k, f"coverage@{k}", 1, "solutions"))
-    header = "| arm | generated tokens (M) | " + " | ".join(
-        f"{name} gain per M tokens" for _, _, name, _, _ in columns
-    )
+        columns.append((curves["coverage"], list(start["coverage"]["coverage_at_k"])[-1]))
+
+    def name(curve, k):
+        return curve.label.format(k=k)
+
     lines = [
         "",
         "Per generated token: the gain over the start model divided by the completion tokens sampled in training (a "
         "branch counts its continuation only), in "
-        + " and ".join(f"{unit} ({name})" for _, _, name, _, unit in columns)
+        + " and ".join(f"{'points' if c.percent else c.unit} ({name(c, k)})" for c, k in columns)
         + " per million tokens, mean ± standard deviation over seeds (each seed's gain over its own tokens):",
         "",
-        header + " |",
+        "| arm | generated tokens (M) | " + " | ".join(f"{name(c, k)} gain per M tokens" for c, k in columns) + " |",
         "|---|---:|" + "---:|" * len(columns),
     ]
     for arm, a in arms.items():
         cells = [arm, _stat(a["generated_tokens"], False, 3)]
-        for key, k, _, scale, _ in columns:
-            base = start[key][_values_key(key)][k]
+        for curve, k in columns:
+            scale, base = (100 if curve.percent else 1), start[curve.key][curve.values_key][k]
             per = [
-                scale * (r[key][_values_key(key)][k] - base) / (r["generated_tokens"] / 1e6)
+                scale * (r[curve.key][curve.values_key][k] - base) / (r["generated_tokens"] / 1e6)
                 for r in a["runs"]
                 if r.get("generated_tokens")
             ]
             cells.append(_stat(_mean_std(per), False, 2))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def _values_key(key: str) -> str:
-    return next(c.values_key for c in CURVES if c.key == key)
 
 
 def verdicts(report: dict) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .arguments import TRACKED, parse_run, run_flags, unset_fields
 from .jobs import spec_key
-from .start import measure, task_data
+from .start import measure
 
 
 def run_spec(ab, argv: list[str], arm: str, seed: int, out: Path, start_model: str, checksum: str) -> dict:
@@ -97,7 +97,7 @@ def run_arm(spec: dict) -> dict | None:
     torch.set_num_threads(spec["threads"])
     ab, args = parse_run(spec["argv"], spec.get("unset", []))
     task = ab.make_task()
-    train, held = task_data(ab)
+    train, held = task.split(ab.num_train, ab.num_eval)  # as task_data(ab)
     history: list[dict] = []
 
     class Record(TrainerCallback):
