@@ -143,12 +143,20 @@ class GroupTree:
 
 
 def leave_one_out(rewards: torch.Tensor) -> torch.Tensor:
-    """`(G,)` r_i - mean_{j != i} r_j, TreeRL's centring of the leaf rewards (`leaf_normalize`); needs G >= 2."""
+    """`(G,)` r_i - mean_{j != i} r_j over the scored leaves, TreeRL's centring of the leaf rewards
+    (`leaf_normalize`); needs G >= 2. An unscored leaf (reward NaN: every reward function returned None) is left out
+    of the others' means and gets NaN; with fewer than two scored leaves there is nothing to centre against and every
+    scored leaf gets 0 (as TRL's group advantage gives a lone scored completion 0)."""
     G = rewards.numel()
     if G < 2:
         raise ValueError("leave-one-out centring needs at least 2 leaves.")
     rewards = rewards.double()
-    return rewards - (rewards.sum() - rewards) / (G - 1)
+    scored = ~torch.isnan(rewards)
+    n = int(scored.sum())
+    if n < 2:
+        return torch.where(scored, 0.0, torch.nan).double()
+    total = rewards[scored].sum()
+    return torch.where(scored, rewards - (total - rewards) / (n - 1), torch.nan)
 
 
 def tree_advantages(rewards: torch.Tensor, tree: GroupTree, width: int, weighting: str = "sqrt") -> torch.Tensor:
@@ -163,18 +171,27 @@ def tree_advantages(rewards: torch.Tensor, tree: GroupTree, width: int, weightin
     forked at p_j. A branch's copied prefix gets its root's segment values (trained only with
     `branching_train_prefix`). Padding (beyond a row's length) is 0. Not reproduced: TreeRL's `fill_in_paths`, which
     replaces a segment's local advantage that is exactly 0 by its predecessor's.
+
+    Unscored leaves (reward NaN: every reward function returned None), by TRL's rule for its group advantage: they
+    are left out of the centring and of every node's value (a node's value and leaf count are over its scored leaves;
+    a node with none has value 0), and an unscored leaf's own row is 0 throughout, so it moves nothing. The result
+    is always finite.
     """
     if weighting not in TREE_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {', '.join(map(repr, TREE_WEIGHTINGS))}; got {weighting!r}.")
     G = len(tree.parent)
     if rewards.numel() != G:
         raise ValueError(f"rewards has {rewards.numel()} entries for a group of {G}.")
-    c = leave_one_out(rewards.reshape(-1))
+    c = leave_one_out(rewards.reshape(-1))  # (G,), NaN for unscored leaves
+    scored = ~torch.isnan(c)
     out = torch.zeros(G, width, dtype=torch.float64)
 
     def value(leaves: list[int]) -> float:
-        v = float(c[leaves].mean())
-        return v / math.sqrt(len(leaves)) if weighting == "sqrt" else v
+        kept = [i for i in leaves if scored[i]]
+        if not kept:  # no scored leaf below: no signal
+            return 0.0
+        v = float(c[kept].mean())
+        return v / math.sqrt(len(kept)) if weighting == "sqrt" else v
 
     top = value(list(range(G)))  # the group's root: mean of the centred values (0 up to rounding)
     for i in range(tree.num_roots, G):  # fresh samples: a chain of one segment below the group's root
@@ -203,4 +220,5 @@ def tree_advantages(rewards: torch.Tensor, tree: GroupTree, width: int, weightin
                 stop = min(end, tree.fork[b])
                 if start < stop:
                     out[b, start:stop] = a
+    out[~scored] = 0.0  # an unscored leaf's tokens: no credit, as TRL's advantage 0
     return out.float()

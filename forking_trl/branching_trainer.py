@@ -143,7 +143,14 @@ class BranchingMixin(TrainerExtension):
                 tree_advantages(local[g * G : (g + 1) * G], tree, width, self.args.branching_tree_weighting)
                 for g, tree in enumerate(plan.trees)
             ]
-            output["advantages"] = torch.cat(advantages).to(output["completion_ids"].device)  # (B, T)
+            advantages = torch.cat(advantages)  # (B, T); unscored completions (reward NaN) get 0, as TRL's
+            if not torch.isfinite(advantages).all():  # an infinite reward: refuse rather than train the weights to NaN
+                bad = local[~torch.isfinite(local) & ~torch.isnan(local)].tolist()
+                raise ValueError(
+                    f"branching_advantage='tree': a reward function returned a non-finite reward ({bad[:4]}); "
+                    "rewards must be finite numbers, or None for a completion that cannot be scored."
+                )
+            output["advantages"] = advantages.to(output["completion_ids"].device)
         self._log_branching(plan, local)
         return output
 

@@ -196,6 +196,7 @@ def score_samples(
     if graded is None:
         graded = [task.grade(group, [row] * len(group)) for group, row in zip(completions, rows, strict=True)]
     for group, row, grades in zip(completions, rows, graded, strict=True):
+        grades = [None if g is None or math.isnan(g) else g for g in grades]  # a NaN grade is unscored, not correct
         if all(g is None for g in grades):
             continue
         correct.append(sum(1 for g in grades if g))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from forking_trl.branching import (
+    TREE_WEIGHTINGS,
     Fork,
     GroupTree,
     allowed_positions,
@@ -185,6 +186,29 @@ def test_tree_advantages_equal_treerls_node_algorithm(index, weighting):
 
 def test_equal_rewards_give_zero_tree_advantages():
     assert torch.all(tree_advantages(torch.ones(4), TREE, width=8) == 0)
+
+
+def test_an_unscored_leaf_gets_no_credit_and_poisons_nothing():
+    # the bug: NaN summed into every row's leave-one-out baseline, so all four rows were NaN
+    nan = float("nan")
+    a = tree_advantages(torch.tensor([1.0, 0.0, 1.0, nan]), TREE, width=8, weighting="none")
+    # scored leaves 0, 1, 2: c = (1 - 1/2, 0 - 1, 1 - 1/2) = (0.5, -1, 0.5); leaf 3 out of every value
+    # root 0: [0,2) over {0,2}: V 0.5, a 1.0; [2,4) over {0}: a (0.5 - 0.5) + 0.5; [4,6) over {0}: a 0.5
+    # branch 2 (at 2): (0.5 - 0.5) + 0.5; root 1: V -1, a -2; row 3 unscored: 0 throughout
+    expected = torch.zeros(4, 8)
+    expected[0, :2], expected[0, 2:6] = 1.0, 0.5
+    expected[1, :5] = -2.0
+    expected[2, :2], expected[2, 2:5] = 1.0, 0.5
+    torch.testing.assert_close(a, expected)
+    # as TRL's group advantage: the unscored row 0, a node with no scored leaf 0, a lone scored leaf 0
+    assert torch.all(tree_advantages(torch.full((4,), nan), TREE, width=8) == 0)
+    assert torch.all(tree_advantages(torch.tensor([nan, 1.0, nan, nan]), TREE, width=8) == 0)
+    for weighting in TREE_WEIGHTINGS:
+        r = torch.tensor([nan, 1.0, 0.0, nan, 2.0, 1.0])
+        assert torch.isfinite(tree_advantages(r, RANDOM_TREES[3], width=10, weighting=weighting)).all()
+    torch.testing.assert_close(
+        leave_one_out(torch.tensor([1.0, nan, 0.0])), torch.tensor([1.0, nan, -1.0]).double(), equal_nan=True
+    )
 
 
 def test_group_tree_refuses_a_malformed_shape():
@@ -500,6 +524,48 @@ def test_branching_composes_with_dynamic_sampling_an_entropy_method_and_tree_cre
         assert all(n % 2 == 1 for n in numbers) and isinstance(advantages[0], list)
     assert logged(trainer, "dynamic_sampling/rounds") and logged(trainer, "branching/distinct_answers")
     assert max(logged(trainer, "kl_cov/penalty")) > 0
+
+
+def sometimes_unscorable_reward(completions, **kwargs) -> list[float | None]:
+    """None (unscorable, as accuracy_reward without a gold) for the second completion of each group of 4, else a
+    reward with spread."""
+    return [None if k % G == 1 else float(len(c[0]["content"]) % 5) + k % 2 for k, c in enumerate(completions)]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"branching_advantage": "tree"},
+        {"branching_advantage": "tree", "branching_tree_weighting": "none", "dynamic_sampling": True},
+        {"branching_advantage": "group", "entropy_method": "clip_cov", "clip_cov_lb": -1e9, "clip_cov_ub": 1e9},
+        {"branching_advantage": "tree", "entropy_method": "entropy_adv", "loss_type": "dapo"},
+        {"branching_advantage": "tree", "entropy_method": "kl_cov", "loss_type": "dapo"},
+    ],
+    ids=["tree", "tree-dynamic", "group-clip_cov", "tree-entropy_adv", "tree-kl_cov"],
+)
+def test_an_unscorable_completion_never_turns_the_weights_to_nan(tiny_model, tmp_path, settings):
+    # the bug: with tree credit one None reward made every advantage of its group NaN, and a step left every
+    # parameter NaN with loss 0 and no warning
+    trainer = branching_trainer(
+        tiny_model, tmp_path, ForkingGRPOTrainer, reward=sometimes_unscorable_reward, max_steps=2, **settings
+    )
+    spy = AdvantageSpy(trainer)
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert changed(before, trainer.model)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(math.isfinite(v) for v in logged(trainer, "grad_norm"))
+    for _, advantages in spy.seen:
+        assert torch.isfinite(torch.tensor(advantages)).all()
+
+
+def test_an_infinite_reward_is_refused_with_tree_credit(tiny_model, tmp_path):
+    def infinite(completions, **kwargs):
+        return [math.inf if k == 0 else 1.0 for k in range(len(completions))]
+
+    trainer = branching_trainer(tiny_model, tmp_path, reward=infinite, branching_advantage="tree")
+    with pytest.raises(ValueError, match="non-finite reward"):
+        one_round(trainer)
 
 
 @pytest.mark.slow

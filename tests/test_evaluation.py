@@ -61,3 +61,11 @@ def test_sample_pass_at_k_on_the_tiny_model(tiny_model):
     assert out["n"] == 4 and out["num_problems"] == 3 and len(out["correct"]) == 3
     assert list(out["pass_at_k"]) == ["1", "2", "4"]
     assert out["pass_at_k"] == {str(k): v for k, v in pass_at_k_curve(out["correct"], 4).items()}
+
+
+def test_a_nan_grade_is_unscored_not_correct():
+    # `if g` counted a NaN grade as a correct sample in pass@k and coverage@k
+    groups = [["a", "b", "c", "d"]]
+    scored = score_samples(groups, [{"solution": "4"}], graded=[[1.0, math.nan, 0.0, 0.0]])
+    assert scored["correct"] == [1]
+    assert score_samples(groups, [{"solution": "4"}], graded=[[math.nan] * 4])["num_problems"] == 0
