@@ -32,7 +32,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from .branching import GroupTree, allowed_positions, answer_start, select_forks, tree_advantages
 from .config import BranchingGRPOConfig
 from .dynamic_sampling import training_rewards
-from .extension import TrainerExtension
+from .extension import TrainerExtension, router_logits_off
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,10 @@ class BranchingMixin(TrainerExtension):
             ids[i, prompt_width : prompt_width + len(c)] = torch.tensor(c, dtype=torch.long)
             attention[i, prompt_width - len(p) : prompt_width + len(c)] = 1
         entropy = self.args.branching_score == "entropy"
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with (
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            router_logits_off(self.model),  # a scoring pass: no load-balancing loss wanted
+        ):
             logps, entropies, _ = GRPOTrainer._get_per_token_logps_and_entropies(
                 self,
                 self.model,

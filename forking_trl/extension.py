@@ -1,9 +1,11 @@
 """What every forking_trl trainer mixin shares: `TrainerExtension`, the base of `DynamicSamplingMixin` and
-`BranchingMixin` (and so of `ForkingGRPOTrainer`): the promotion of `args` before TRL's `__init__`, and launch
-hygiene. It sits right before `GRPOTrainer` in every trainer's MRO and overrides nothing of TRL's but `__init__`."""
+`BranchingMixin` (and so of `ForkingGRPOTrainer`): the promotion of `args` before TRL's `__init__`, generation that
+works on mixture-of-experts models, and launch hygiene. It sits right before `GRPOTrainer` in every trainer's MRO and
+overrides nothing of TRL's but `__init__` and `_generate_single_turn`."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch.distributed as dist
@@ -28,6 +30,10 @@ class TrainerExtension:
         """Refuse, before TRL's `__init__`, what the promoted `args` cannot train with the trainer's keyword
         arguments (a mixin extends it and calls this)."""
 
+    def _generate_single_turn(self, prompt_ids, *args, **kwargs):
+        with router_logits_off(self.model):
+            return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+
     def end_distributed(self, grace_s: float = 0.2) -> None:
         """End a launched run cleanly; call it last in a script (the trainer cannot train after it).
 
@@ -44,3 +50,32 @@ class TrainerExtension:
         self.accelerator.end_training()
         if was_distributed:
             time.sleep(grace_s)
+
+
+@contextlib.contextmanager
+def router_logits_off(model):
+    """Inside the block, a mixture-of-experts model (Qwen3-MoE, GPT-OSS, Mixtral, ...) does not return its router
+    logits. Generation never uses them, and transformers' load-balancing loss breaks generation from left-padded
+    prompts when they are on: at each cached decoding step it pairs one position's router logits with the whole
+    attention mask ("The size of tensor a (2) must match the size of tensor b (18)"). TRL's training forward asks for
+    them itself (`output_router_logits=True` in its inputs), so the auxiliary loss is untouched. A dense model, or a
+    wrapped one whose configs do not have the flag, passes through unchanged."""
+    configs = []
+    for config in _configs(model):
+        if getattr(config, "output_router_logits", False):
+            configs.append(config)
+            config.output_router_logits = False
+    try:
+        yield
+    finally:
+        for config in configs:
+            config.output_router_logits = True
+
+
+def _configs(model) -> list:
+    """The model's config and its text config (a multimodal model's language model), each once."""
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP / DeepSpeed engines wrap in .module
+    if config is None:
+        return []
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return [config] if text is config else [config, text]

@@ -76,3 +76,35 @@ class AdvantageSpy:
         numbers = [prompt_number(t) for t in texts]
         self.seen.append((numbers, inputs["advantages"].detach().cpu().tolist()))
         return self.inner(model, inputs, *args, **kwargs)
+
+
+def tiny_moe_model(path, kind: str) -> str:
+    """A tiny random mixture-of-experts model (`"qwen3_moe"` or `"gpt_oss"`) with the suite's tokenizer, saved at
+    `path`; router logits on, as the released configs of both (so TRL trains with the load-balancing loss)."""
+    from transformers import GptOssConfig, GptOssForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from forking_trl.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts_per_tok=2, output_router_logits=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    if kind == "qwen3_moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(moe_intermediate_size=32, num_experts=4, **common))
+    elif kind == "gpt_oss":
+        model = GptOssForCausalLM(GptOssConfig(num_local_experts=4, layer_types=["full_attention"] * 2, **common))
+    else:
+        raise ValueError(f"kind must be 'qwen3_moe' or 'gpt_oss'; got {kind!r}.")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def uneven_prompt_dataset(n: int = 16) -> Dataset:
+    """Prompts of clearly different token lengths, so TRL left-pads them for generation."""
+    return Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"What is {i} + {i + 1}?" + " Think." * (i % 4)}]} for i in range(n)]
+    )

@@ -229,7 +229,9 @@ from _util import (  # noqa: E402
     logged,
     prompt_dataset,
     snapshot,
+    tiny_moe_model,
     trainer_args,
+    uneven_prompt_dataset,
 )
 from forking_trl import (  # noqa: E402
     BranchingGRPOConfig,
@@ -566,6 +568,28 @@ def test_an_infinite_reward_is_refused_with_tree_credit(tiny_model, tmp_path):
     trainer = branching_trainer(tiny_model, tmp_path, reward=infinite, branching_advantage="tree")
     with pytest.raises(ValueError, match="non-finite reward"):
         one_round(trainer)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("trainer_name", ["BranchingGRPOTrainer", "ForkingGRPOTrainer", "DynamicSamplingGRPOTrainer"])
+def test_every_trainer_trains_a_mixture_of_experts_model(tmp_path, kind, trainer_name):
+    # the bug: a branch's prompt (prompt + prefix) is left-padded, and transformers' load-balancing loss breaks
+    # generation from padded prompts ("The size of tensor a (2) must match the size of tensor b (18)"); two prompts
+    # of different lengths per batch make plain GRPOTrainer fail the same way
+    import forking_trl
+
+    model = tiny_moe_model(tmp_path / "model", kind)
+    trainer_class = getattr(forking_trl, trainer_name)
+    settings = dict(num_generations=3, per_device_train_batch_size=6, max_completion_length=8, max_steps=2)
+    if trainer_name != "DynamicSamplingGRPOTrainer":
+        settings.update(branching=True, branching_roots=1)
+    args = trainer_args(tmp_path / "out", config_class=trainer_class.config_class, **settings)
+    trainer = trainer_class(model, length_reward, args=args, train_dataset=uneven_prompt_dataset())
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert changed(before, trainer.model)
+    assert logged(trainer, "aux_loss") and all(v > 0 for v in logged(trainer, "aux_loss"))  # still trained with it
+    assert trainer.model.config.output_router_logits is True  # restored after each generation
 
 
 @pytest.mark.slow

@@ -243,7 +243,15 @@ def test_branching_mixin_overrides_only_the_hooks_it_names():
     from forking_trl.extension import TrainerExtension
 
     hooks = {"__init__", "_generate_single_turn", "_generate", "_calculate_rewards", "_generate_and_score_completions"}
-    for cls, named in ((BranchingMixin, hooks), (TrainerExtension, {"__init__"})):  # _check_before_trl: our own
+    extension = {"__init__", "_generate_single_turn"}  # _check_before_trl: our own
+    for cls, named in ((BranchingMixin, hooks), (TrainerExtension, extension)):
         own = {name for name, value in vars(cls).items() if callable(value) or isinstance(value, staticmethod)}
         assert named <= own
         assert not {name for name in own - named if hasattr(GRPOTrainer, name)}, cls
+
+
+def test_trl_asks_for_router_logits_itself_where_it_trains_with_them():
+    # router_logits_off turns the config's flag off during generation; the training forward must not depend on it
+    body = source(GRPOTrainer._get_per_token_logps_and_entropies)
+    assert 'if compute_aux_loss:\n                model_inputs["output_router_logits"] = True' in body
+    assert "compute_aux_loss=self.aux_loss_enabled" in source(GRPOTrainer._compute_loss)
