@@ -26,8 +26,29 @@ MAX_NUMBERS = 5  # the solver enumerates every tree: 5 numbers are ~10^5 combina
 MAX_EXPRESSION_CHARS = 200  # an answer longer than this is not credited (and never parsed)
 MAX_DEPTH = 16  # parentheses nested deeper than this: not credited
 MAX_DIGITS = 6  # a number with more digits is not one of the given numbers: not credited
-_TOKEN = re.compile(r"\s*(?:(\d+)|([-+*/×÷()]))")
-_SYMBOLS = {"×": "*", "÷": "/"}
+# one token: a number, a LaTeX command (\times, \frac, \left, a spacing command), or one other character
+_TOKEN = re.compile(r"(\d+)|(\\(?:[A-Za-z]+|[^A-Za-z])|\S)")
+# the spellings models write for each operation and bracket (plain text, Unicode, LaTeX), to the grammar's tokens;
+# a `{...}` group (LaTeX) and `[...]` are brackets like `(...)`, each closed by its own kind
+_SYMBOLS = {
+    "+": "+",
+    **dict.fromkeys(("-", "\u2212", "\u2013", "\u2014"), "-"),  # hyphen-minus, minus sign, en and em dashes
+    **dict.fromkeys(("*", "×", "\u00b7", "\u22c5", "\u2217", "\u2715", "\\times", "\\cdot", "\\ast"), "*"),
+    **dict.fromkeys(("/", "÷", "\u2215", "\u2044", "\\div"), "/"),
+    **dict.fromkeys(("(", "\\lparen"), "("),
+    **dict.fromkeys((")", "\\rparen"), ")"),
+    **dict.fromkeys(("[", "\\lbrack"), "["),
+    **dict.fromkeys(("]", "\\rbrack"), "]"),
+    **dict.fromkeys(("{", "\\{", "\\lbrace"), "{"),
+    **dict.fromkeys(("}", "\\}", "\\rbrace"), "}"),
+    **dict.fromkeys(("\\frac", "\\dfrac", "\\tfrac"), "frac"),  # \frac{a}{b}: a / b
+}
+_CLOSING = {"(": ")", "[": "]", "{": "}"}
+# read and dropped: math delimiters, LaTeX's sizing prefixes (\left( is a bracket) and spacing commands
+_IGNORED = frozenset(
+    ("$", "~", "\\left", "\\right", "\\big", "\\Big", "\\bigg", "\\Bigg", "\\,", "\\;", "\\:", "\\!", "\\ ")
+    + ("\\quad", "\\qquad", "\\displaystyle", "\\(", "\\)", "\\[", "\\]")
+)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -242,27 +263,27 @@ class Rejected(ValueError):
 
 
 def parse(text: str, max_chars: int = MAX_EXPRESSION_CHARS) -> Expr:
-    """The expression of `text` (numbers, + − × ÷ and parentheses; `×`/`÷` read as `*`/`/`), or `Rejected`.
+    """The expression of `text` (numbers, + − × ÷ and brackets), or `Rejected`.
 
-    Linear in the text, which is refused above `max_chars` before anything is read; nesting deeper than `MAX_DEPTH`
-    and numbers longer than `MAX_DIGITS` digits are refused; a division by zero is refused. No unary minus: every
-    number must be one of the given ones.
+    Reads the spellings models write: `×`, `·`, `\\times`, `\\cdot` for `*`; `÷`, `\\div`, `\\frac{a}{b}` for `/`;
+    the minus sign `−` and dashes for `-`; `(...)`, `[...]`, `{...}`, `\\left(...\\right)` as brackets (each closed by
+    its own kind); `$`, `~` and LaTeX spacing are skipped. Linear in the text, which is refused above `max_chars`
+    before anything is read; nesting deeper than `MAX_DEPTH` and numbers longer than `MAX_DIGITS` digits are
+    refused; a division by zero is refused. No unary minus: every number must be one of the given ones.
     """
     if len(text) > max_chars:
         raise Rejected(f"longer than {max_chars} characters")
-    tokens, pos = [], 0
-    text = text.strip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None:
-            raise Rejected(f"unexpected character {text[pos]!r}")
+    tokens = []
+    for m in _TOKEN.finditer(text):
         digits, symbol = m.groups()
-        if digits is not None and len(digits) > MAX_DIGITS:
-            raise Rejected("a number longer than any given one")
-        tokens.append(digits if digits is not None else _SYMBOLS.get(symbol, symbol))
-        pos = m.end()
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
+        if digits is not None:
+            if len(digits) > MAX_DIGITS:
+                raise Rejected("a number longer than any given one")
+            tokens.append(digits)
+        elif symbol in _SYMBOLS:
+            tokens.append(_SYMBOLS[symbol])
+        elif symbol not in _IGNORED:
+            raise Rejected(f"unexpected {'character' if len(symbol) == 1 else 'command'} {symbol!r}")
     if not tokens:
         raise Rejected("empty")
     expr, rest = _expression(tokens, 0, 0)
@@ -273,7 +294,7 @@ def parse(text: str, max_chars: int = MAX_EXPRESSION_CHARS) -> Expr:
 
 def _expression(tokens, i, depth):  # sum := product (('+'|'-') product)*
     left, i = _product(tokens, i, depth)
-    while i < len(tokens) and tokens[i] in "+-":
+    while i < len(tokens) and tokens[i] in ("+", "-"):
         op = tokens[i]
         right, i = _product(tokens, i + 1, depth)
         left = combine(op, left, right)
@@ -282,7 +303,7 @@ def _expression(tokens, i, depth):  # sum := product (('+'|'-') product)*
 
 def _product(tokens, i, depth):  # product := atom (('*'|'/') atom)*
     left, i = _atom(tokens, i, depth)
-    while i < len(tokens) and tokens[i] in "*/":
+    while i < len(tokens) and tokens[i] in ("*", "/"):
         op = tokens[i]
         right, i = _atom(tokens, i + 1, depth)
         left = combine(op, left, right)
@@ -291,17 +312,26 @@ def _product(tokens, i, depth):  # product := atom (('*'|'/') atom)*
     return left, i
 
 
-def _atom(tokens, i, depth):  # atom := number | '(' sum ')'
+def _atom(tokens, i, depth):  # atom := number | open sum close | 'frac' atom atom
     if i >= len(tokens):
         raise Rejected("ends early")
     token = tokens[i]
-    if token == "(":
+    if token in _CLOSING:
         if depth >= MAX_DEPTH:
             raise Rejected(f"parentheses nested deeper than {MAX_DEPTH}")
         inner, i = _expression(tokens, i + 1, depth + 1)
-        if i >= len(tokens) or tokens[i] != ")":
-            raise Rejected("unclosed parenthesis")
+        if i >= len(tokens) or tokens[i] != _CLOSING[token]:
+            raise Rejected(f"unclosed {token!r}")
         return inner, i + 1
+    if token == "frac":  # \frac{a}{b}: numerator and denominator are atoms (LaTeX's \frac12 reads as 12: refused)
+        if depth >= MAX_DEPTH:
+            raise Rejected(f"parentheses nested deeper than {MAX_DEPTH}")
+        numerator, i = _atom(tokens, i + 1, depth + 1)
+        denominator, i = _atom(tokens, i, depth + 1)
+        quotient = combine("/", numerator, denominator)
+        if quotient is None:
+            raise Rejected("division by zero")
+        return quotient, i
     if token.isdigit():
         return number(int(token)), i + 1
     raise Rejected(f"unexpected {token!r}")

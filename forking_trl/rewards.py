@@ -388,8 +388,11 @@ def countdown_reward(
     completions: list, nums: list, target: list, operations: list | None = None, **kwargs
 ) -> list[float | None]:
     """Countdown (TinyZero's rules): 1.0 if the completion's equation (`countdown_answer`) uses every number of
-    `nums` exactly once, only + − × ÷ and parentheses, and equals `target` exactly in rational arithmetic (7/2*4
+    `nums` exactly once, only + − × ÷ and brackets, and equals `target` exactly in rational arithmetic (7/2*4
     reaches 14; no float tolerance); 0.0 otherwise, a division by zero included; None when the problem is missing.
+    The operations may be spelled as models write them: `*`, `×`, `·`, `\\times`, `\\cdot`; `/`, `÷`, `\\div`,
+    `\\frac{a}{b}`; `-`, `−` (U+2212) or a dash; brackets `()`, `[]`, `{}`, `\\left( \\right)`; `$` and LaTeX spacing
+    are skipped (`forking_trl.countdown.parse`).
 
     The columns `nums` and `target` are TinyZero's Countdown data's, so such a dataset trains as it is. An optional
     column `operations` (a string such as `"+-*"` per row; `forking_trl.tasks.Countdown` writes it) restricts the

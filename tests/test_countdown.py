@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from forking_trl.countdown import CountdownSpec, canonical, check, combine, generate, number, parse, solutions
+from forking_trl.countdown import MAX_DEPTH, CountdownSpec, canonical, check, combine, generate, number, parse, solutions
 from forking_trl.evaluation import coverage_at_k, pass_at_k
 from forking_trl.rewards import countdown_answer, countdown_reward
 
@@ -98,6 +98,57 @@ def test_the_rules_as_tinyzero_has_them():
     assert not check("-2+3", [2, 3], 1)[0]  # no unary minus: every number is a given one
     assert not check("2.5*2", [2, 5, 2], 5)[0] and not check("2 ** 3", [2, 3], 8)[0]
     assert not check("__import__('os')", [1], 1)[0]  # a grammar, never eval
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "<answer>9 \u2212 7</answer>",  # U+2212, the minus sign (was "unexpected character")
+        "<answer>9 \u2013 7</answer>",  # an en dash
+        "\\boxed{9 - 7}",
+        "\\boxed{(9 - 7) \\times 1}",
+        "\\boxed{(9 - 7) \\cdot 1}",
+        "\\boxed{(9 - 7) \\div 1}",
+        "\\boxed{\\frac{9 - 7}{1}}",
+        "\\boxed{\\dfrac{9 - 7}{1}}",
+        "\\boxed{\\left(9 - 7\\right) \\times 1}",
+        "\\boxed{[9 - 7] \\cdot 1}",
+        "\\boxed{\\{9 - 7\\} \\times 1}",
+        "\\boxed{{9 - 7} \\times 1}",
+        "<answer>$(9 - 7) \\times 1$</answer>",
+        "<answer>\\((9-7)\\,\\cdot\\,1\\)</answer>",
+        "<answer>(9 - 7) \u00b7 1</answer>",  # middle dot
+        "<answer>(9 - 7) \u22c5 1</answer>",  # dot operator
+        "<answer>(9 - 7) × 1</answer>",
+        "<answer>(9 - 7) ÷ 1</answer>",
+    ],
+)
+def test_the_reward_reads_the_spellings_models_write(answer):
+    nums = [9, 7] if answer.count("1") == 0 else [9, 7, 1]  # "9 - 7" alone, or times / over 1
+    assert countdown_reward([answer], [nums], [2]) == [1.0]
+
+
+def test_every_spelling_of_a_solution_is_one_solution():
+    spellings = ["(3 + 5) * 7", "(3 + 5) \\times 7", "\\left(3+5\\right)\\cdot 7", "[5 + 3] × 7", "7·{3+5}"]
+    assert {canonical(s) for s in spellings} == {canonical("7 * (5 + 3)")}
+    assert canonical("\\frac{9}{3}") == canonical("9 / 3") and canonical("9 \u2212 3") == canonical("9 - 3")
+
+
+def test_spellings_do_not_open_the_rules():
+    from forking_trl.countdown import Rejected
+
+    for text, message in [
+        ("(3 + 5] * 7", "unclosed '\\('"),  # brackets close by their own kind
+        ("\\frac{1}{0}", "division by zero"),
+        ("\\sqrt{4}", "unexpected command '\\\\\\\\sqrt'"),
+        ("3 x 4", "unexpected character 'x'"),
+        ("\\frac{3}", "ends early"),
+        ("\\frac" * (MAX_DEPTH + 1) + "{1}{1}" * (MAX_DEPTH + 1), "nested deeper"),
+        ("\u2212 3 + 5", "unexpected '-'"),  # a minus sign is still no unary minus
+    ]:
+        with pytest.raises(Rejected, match=message):
+            parse(text)
+    assert not check("3 \\times\\times 4", [3, 4], 12)[0]  # ** by another name
 
 
 def within(seconds, fn):
