@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .arguments import TRACKED, parse_run, run_flags, unset_fields
 from .jobs import spec_key
+from .processes import launch
 from .start import measure
 
 
@@ -51,7 +51,8 @@ def run_spec(ab, argv: list[str], arm: str, seed: int, out: Path, start_model: s
 def run_job(spec: dict) -> dict:
     """One run as a job (what the launcher executes): in this process, or under `accelerate launch` with
     `processes` > 1 (the recipe's `accelerate_config`, else `--multi_gpu`; on a machine without GPUs, CPU processes
-    over gloo). Writes `spec.json` and `result.json` (with the `spec_key` resume compares) and returns the result."""
+    over gloo). Writes `spec.json` and `result.json` (with the `spec_key` resume compares) and returns the result.
+    A launched run's processes end with this one, however it ends (`forking_trl.ablation.processes`)."""
     run_dir = Path(spec["output_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_file = run_dir / "spec.json"
@@ -69,7 +70,7 @@ def run_job(spec: dict) -> dict:
             command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         if not torch.cuda.is_available():
             env["ACCELERATE_USE_CPU"] = "true"
-        subprocess.run([*command, "-m", "forking_trl.ablation", str(spec_file)], env=env, check=True)
+        launch([*command, "-m", "forking_trl.ablation", str(spec_file)], env, marker=str(spec_file))
         return json.loads(result_file.read_text())
     return write_result(spec, run_arm(spec))
 
