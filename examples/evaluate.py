@@ -37,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from forking_trl.data import BENCHMARKS  # noqa: E402
 from forking_trl.evaluation import MATH, pass_at_k_ks, score_samples  # noqa: E402
 from forking_trl.tasks import GENERATED, MathDataset, Task, get_task  # noqa: E402
+from forking_trl.templates import check_template, needs_plain_prompts, prompt_text  # noqa: E402
 
 
 def benchmark(name: str, limit: int | None, recipe: str | None = None) -> tuple[Task, list[dict]]:
@@ -84,7 +85,7 @@ def transformers_generator(model_path, args):
             ids = forking_generate(
                 model,
                 tokenizer,
-                prompts,
+                [prompt_text(tokenizer, p, args.prompt_template) for p in prompts],
                 num_return_sequences=args.num_samples,
                 temperature=temperature,
                 top_p=args.top_p,
@@ -106,8 +107,12 @@ def vllm_generator(model_path, args):
     params = SamplingParams(
         n=args.num_samples, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens
     )
+    tokenizer = llm.get_tokenizer()
 
     def generate(prompts):
+        if needs_plain_prompts(tokenizer, args.prompt_template):  # a base model, or a template chosen
+            texts = [prompt_text(tokenizer, p, args.prompt_template) for p in prompts]
+            return [[o.text for o in r.outputs] for r in llm.generate(texts, params)]
         return [[o.text for o in r.outputs] for r in llm.chat(prompts, params)]
 
     return generate
@@ -173,12 +178,22 @@ def main():
     )
     parser.add_argument("--high_temperature", type=float, default=1.0, help="temperature at forking positions")
     parser.add_argument("--low_temperature", type=float, default=1.0, help="temperature elsewhere")
+    parser.add_argument(
+        "--prompt_template",
+        default=None,
+        help="plain prompt template with one {prompt}, e.g. 'Question: {prompt}\\nAnswer:'; default: the "
+        "tokenizer's chat template, or that plain one for a model without a chat template (a base model)",
+    )
     parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto")
     parser.add_argument("--output", default="outputs/eval.json")
     args = parser.parse_args()
     if args.k < 1 or args.pass_k < 0:
         parser.error(f"--k must be >= 1 and --pass_k >= 0; got {args.k} and {args.pass_k}")
     args.num_samples = max(args.k, args.pass_k)
+    try:
+        check_template(args.prompt_template, "--prompt_template")
+    except ValueError as err:
+        parser.error(str(err))
 
     backend = args.backend
     if backend == "auto":

@@ -22,6 +22,7 @@ import torch
 
 from .entropy import LOW_ENTROPY, token_entropy
 from .selection import forking_mask
+from .templates import prompt_text
 
 PERCENTILES = (50, 80, 90, 95, 99)
 
@@ -41,9 +42,9 @@ class ScoredCompletion:
 
 
 def _prompt_texts(tokenizer, prompts: list) -> list[str]:
-    if prompts and isinstance(prompts[0], list):  # chat messages
-        return [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    return list(prompts)
+    """Each prompt as the model is given it: text as it is; chat messages through the tokenizer's chat template, or
+    the plain template for a model without one (`forking_trl.templates.prompt_text`)."""
+    return [prompt_text(tokenizer, p) for p in prompts]
 
 
 @torch.no_grad()

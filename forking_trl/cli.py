@@ -46,6 +46,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="sampling backend: vLLM when installed (auto), else transformers generate; "
         "entropies are always scored with transformers",
     )
+    parser.add_argument(
+        "--prompt-template",
+        default=None,
+        help="plain prompt template with one {prompt} (the problem), e.g. 'Question: {prompt}\\nAnswer:'; "
+        "default: the tokenizer's chat template, or that plain one for a model without a chat template (a base model)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the problem subset and sampling")
     parser.add_argument("--output-dir", required=True, help="where the JSON, PNG and HTML files go")
 
@@ -103,6 +109,13 @@ def _prompts(args) -> list:
             f"use --num-samples {len(data)} (all of them) or fewer."
         )
     return list(data["prompt"])  # `limit` already drew a random subset of num_samples
+
+
+def _written(tokenizer, prompts: list, args) -> list[str]:
+    """The prompts as the model is given them (`forking_trl.templates.prompt_text`)."""
+    from .templates import prompt_text
+
+    return [prompt_text(tokenizer, p, args.prompt_template) for p in prompts]
 
 
 def _check_lengths(model, tokenizer, prompts: list, args) -> None:
@@ -172,6 +185,7 @@ def run_analyze(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     prompts = _prompts(args)
     model, tokenizer = _load(args.model, args)
+    prompts = _written(tokenizer, prompts, args)
     _check_lengths(model, tokenizer, prompts, args)
     samples = _sample(args.model, model, tokenizer, prompts, args)
     scored = _score(model, tokenizer, samples, args, "scoring entropy")
@@ -204,6 +218,7 @@ def run_overlap(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     prompts = _prompts(args)
     base, tokenizer = _load(args.base, args)
+    prompts = _written(tokenizer, prompts, args)
     _check_lengths(base, tokenizer, prompts, args)
     samples = _sample(args.base, base, tokenizer, prompts, args)
     scored_base = _score(base, tokenizer, samples, args, f"scoring {Path(args.base).name}")
@@ -234,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--ratio must be in (0, 1]; got {args.ratio}")
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise SystemExit("--num-samples and --max-new-tokens must be >= 1")
+    from .templates import check_template
+
+    try:
+        check_template(args.prompt_template, "--prompt-template")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     {"analyze": run_analyze, "overlap": run_overlap}[args.command](args)
     return 0
 

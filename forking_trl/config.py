@@ -14,6 +14,7 @@ from .branching import SCORES as BRANCHING_SCORES
 from .branching import TREE_WEIGHTINGS as BRANCHING_TREE_WEIGHTINGS
 from .credit import METHOD_NAMES
 from .selection import MODES, RATIO_SCHEDULES, SELECTIONS, check_choice, check_selection_args
+from .templates import PLAIN_TEMPLATE, check_template
 
 SCOPES = ("micro_batch", "rank", "sequence", "batch")
 NORMALIZERS = ("all", "kept")
@@ -33,6 +34,7 @@ METHOD_LOSSES = {
 
 # the fields ForkingGRPOConfig adds to GRPOConfig (dynamic sampling's among them)
 OWN_FIELD_PREFIXES = (
+    "prompt_template",
     "forking_",
     "dynamic_sampling",
     "branching",
@@ -41,6 +43,12 @@ OWN_FIELD_PREFIXES = (
     "kl_cov_",
     "entropy_adv_",
 )
+# each entropy method's own parameters (refused when set for another method: they would be ignored)
+METHOD_PARAMETERS = {
+    "clip_cov": ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub"),
+    "kl_cov": ("kl_cov_ratio", "kl_cov_coef"),
+    "entropy_adv": ("entropy_adv_alpha", "entropy_adv_kappa"),
+}
 # loss types whose per-token loss takes a (B, T) advantage token by token (TreeRL's tree credit)
 TREE_ADVANTAGE_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo")
 
@@ -68,10 +76,46 @@ class GRPOExtensionConfig(GRPOConfig):
     `GRPOConfig`, the generation window and on-policy rule. Each subclass adds fields under its `own_field_prefixes`
     and checks them in `validate` (cooperatively: each calls `super().validate()`)."""
 
-    own_field_prefixes: ClassVar[tuple[str, ...]] = ()
+    own_field_prefixes: ClassVar[tuple[str, ...]] = ("prompt_template",)
+    # a switch declared once, by the class that implements it, with default None: each config says here what None
+    # means for it (BranchingGRPOConfig: branching on; ForkingGRPOConfig: off)
+    switch_defaults: ClassVar[dict[str, bool]] = {}
+
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "How chat prompts reach a tokenizer without a chat template (a base model): a plain template with "
+            f"one '{{prompt}}' (None: {PLAIN_TEMPLATE!r}, only where the tokenizer has no chat template). Set, it is "
+            "used even where the tokenizer has one."
+        },
+    )
+
+    def __post_init__(self):
+        self._resolve_switches()
+        super().__post_init__()
+        check_template(self.prompt_template)
 
     def validate(self) -> None:
         """Check every forking_trl field again (e.g. after one was set on a built config); `ValueError` naming it."""
+        self._resolve_switches()
+        check_template(self.prompt_template)
+
+    def _resolve_switches(self) -> None:
+        for name, default in self.switch_defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+
+    def _refuse_unused(self, names: tuple[str, ...], why: str, instead: str) -> None:
+        """`ValueError` for the first field of `names` set away from its default while `why` makes it unused: the
+        config would train without it, silently."""
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in names:
+            value = getattr(self, name)
+            if value != defaults[name]:
+                raise ValueError(
+                    f"{name}={value!r} is set, but {why}, so it would be ignored. {instead}, or leave {name} at its "
+                    f"default ({defaults[name]!r})."
+                )
 
     @property
     def generation_window(self) -> int:
@@ -158,7 +202,8 @@ class DynamicSamplingGRPOConfig(GRPOExtensionConfig):
         > Parameters that control DAPO's dynamic sampling
 
         dynamic_sampling (`bool`, *optional*, defaults to `True`):
-            Drop the groups whose advantages are all 0 (the rewards TRL's advantage is computed from, see
+            (`None` resolves to `True` here, to `False` in [`ForkingGRPOConfig`].) Drop the groups whose advantages
+            are all 0 (the rewards TRL's advantage is computed from, see
             `multi_objective_aggregation`, are equal across the group) and fill the generation batch with informative
             groups from further prompts: from a map-style `train_dataset` in an order of their own, from a
             `datasets.IterableDataset` as a stream (a buffered shuffle of its own, TRL's group layout). Needs
@@ -175,16 +220,26 @@ class DynamicSamplingGRPOConfig(GRPOExtensionConfig):
             shaping alone does not make a group informative), or `None` for what TRL's advantage uses (the weighted
             total reward, or with `multi_objective_aggregation="normalize_then_sum"` the weighted sum of the
             per-function normalised rewards).
+        > The prompt format
+
+        prompt_template (`str` or `None`, *optional*, defaults to `None`):
+            How chat prompts (`[{"role": "user", "content": ...}]`, what every forking_trl dataset adapter writes)
+            reach a model whose tokenizer has no chat template (a base checkpoint): as plain text, the system and user
+            contents joined by a blank line in the template's one `{prompt}`. `None`: the tokenizer's chat template
+            where it has one, else `"Question: {prompt}\nAnswer:"` (`forking_trl.templates.PLAIN_TEMPLATE`). Set,
+            the template is used whatever the tokenizer has. Plain-text prompts are used as they are.
     """
 
     # the fields this class adds to GRPOConfig: what from_grpo_config accepts and own_fields lists
-    own_field_prefixes: ClassVar[tuple[str, ...]] = ("dynamic_sampling",)
+    own_field_prefixes: ClassVar[tuple[str, ...]] = ("dynamic_sampling", "prompt_template")
+    switch_defaults: ClassVar[dict[str, bool]] = {"dynamic_sampling": True}
 
-    dynamic_sampling: bool = field(
-        default=True,
+    dynamic_sampling: bool | None = field(
+        default=None,
         metadata={
             "help": "DAPO's dynamic sampling (arXiv 2503.14476): drop groups whose advantages are all 0 and fill the "
-            "generation batch with informative groups from further prompts. False: TRL's GRPO as it is."
+            "generation batch with informative groups from further prompts. False: TRL's GRPO as it is. None: "
+            "the config's default (on in DynamicSamplingGRPOConfig, off in ForkingGRPOConfig)."
         },
     )
     dynamic_sampling_max_rounds: int = field(
@@ -228,6 +283,12 @@ class DynamicSamplingGRPOConfig(GRPOExtensionConfig):
             raise ValueError(f"dynamic_sampling_reward must be a reward function's name or None; got {reward!r}.")
         if self.dynamic_sampling:
             self._require_whole_groups("dynamic_sampling")
+        else:
+            self._refuse_unused(
+                ("dynamic_sampling_max_rounds", "dynamic_sampling_reward"),
+                "dynamic_sampling=False",
+                "Set dynamic_sampling=True to filter groups",
+            )
 
 
 @dataclass
@@ -249,7 +310,8 @@ class BranchingGRPOConfig(GRPOExtensionConfig):
         > Parameters that control the branching rollouts
 
         branching (`bool`, *optional*, defaults to `True`):
-            Grow each group as roots and branches. `False` trains exactly as [`~trl.GRPOTrainer`] (the control arm).
+            (`None` resolves to `True` here, to `False` in [`ForkingGRPOConfig`].) Grow each group as roots and
+            branches. `False` trains exactly as [`~trl.GRPOTrainer`] (the control arm).
             Needs `per_device_train_batch_size * steps_per_generation` a multiple of `num_generations` (each process
             grows whole groups).
         branching_roots (`int` or `None`, *optional*, defaults to `None`):
@@ -280,15 +342,28 @@ class BranchingGRPOConfig(GRPOExtensionConfig):
             TRL's per-token loss mask (`tool_mask`), so each shared token is trained once, in its root (as CURE,
             which puts the prefix in the prompt). `True`: every completion is trained whole (as TreeRL, which trains
             every root-to-leaf path).
+
+        With `branching=False` every other `branching_*` field is refused unless at its default (it would be
+        ignored), and so is `branching_tree_weighting` with `branching_advantage="group"`.
+        > The prompt format
+
+        prompt_template (`str` or `None`, *optional*, defaults to `None`):
+            How chat prompts (`[{"role": "user", "content": ...}]`, what every forking_trl dataset adapter writes)
+            reach a model whose tokenizer has no chat template (a base checkpoint): as plain text, the system and user
+            contents joined by a blank line in the template's one `{prompt}`. `None`: the tokenizer's chat template
+            where it has one, else `"Question: {prompt}\nAnswer:"` (`forking_trl.templates.PLAIN_TEMPLATE`). Set,
+            the template is used whatever the tokenizer has. Plain-text prompts are used as they are.
     """
 
-    own_field_prefixes: ClassVar[tuple[str, ...]] = ("branching",)
+    own_field_prefixes: ClassVar[tuple[str, ...]] = ("branching", "prompt_template")
+    switch_defaults: ClassVar[dict[str, bool]] = {"branching": True}
 
-    branching: bool = field(
-        default=True,
+    branching: bool | None = field(
+        default=None,
         metadata={
             "help": "Branching rollouts (TreeRL arXiv 2506.11902, FR3E arXiv 2507.07017, CURE arXiv 2508.11016): M "
-            "roots per prompt, the other completions branch from their highest-scoring positions. False: TRL's GRPO."
+            "roots per prompt, the other completions branch from their highest-scoring positions. False: TRL's GRPO. "
+            "None: the config's default (on in BranchingGRPOConfig, off in ForkingGRPOConfig)."
         },
     )
     branching_roots: int | None = field(
@@ -379,7 +454,15 @@ class BranchingGRPOConfig(GRPOExtensionConfig):
         if marker is not None and (not isinstance(marker, str) or not marker):
             raise ValueError(f"branching_answer_marker must be a non-empty string or None; got {marker!r}.")
         if not self.branching:
+            details = tuple(f.name for f in fields(self) if f.name.startswith("branching_"))
+            self._refuse_unused(details, "branching=False", "Set branching=True to grow groups as trees")
             return
+        if self.branching_advantage == "group":
+            self._refuse_unused(
+                ("branching_tree_weighting",),
+                "branching_advantage='group' (the weighting is tree credit's)",
+                "Set branching_advantage='tree'",
+            )
         G = self.num_generations
         if G < 2:
             raise ValueError(f"branching needs num_generations >= 2 (at least one root and one branch); got {G}.")
@@ -533,6 +616,18 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig, BranchingGRPOConfig):
         entropy_adv_kappa (`float`, *optional*, defaults to `2.0`):
             Entropy advantage: κ, the cap |A_t|/κ on ψ_t, which keeps the shaped advantage's sign; ≥ 1 (the paper's
             2). For κ ≥ 1, A' = f·A with a detached f ≥ 0, applied as a per-token factor on the policy loss.
+
+        A field that the other settings leave unused is refused unless at its default, naming the switch: a
+        method's parameters without that `entropy_method`, `forking_ratio` (but 1.0) and `forking_selection`,
+        `forking_scope`, `forking_normalizer` with `forking_mode="all"`, `forking_kept_entropy_bonus` without a bonus,
+        the `dynamic_sampling_*` and `branching_*` fields with their switch off.
+
+        > The prompt format
+
+        prompt_template (`str` or `None`, *optional*, defaults to `None`):
+            How chat prompts reach a model whose tokenizer has no chat template (a base checkpoint): as plain text in
+            the template's one `{prompt}`; `None`: the tokenizer's chat template where it has one, else
+            `"Question: {prompt}\nAnswer:"`. As in [`DynamicSamplingGRPOConfig`], which documents it in full.
     """
 
     forking_mode: str = field(
@@ -599,22 +694,6 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig, BranchingGRPOConfig):
         },
     )
 
-    dynamic_sampling: bool = field(
-        default=False,
-        metadata={
-            "help": "DAPO's dynamic sampling (arXiv 2503.14476), as in the paper's recipe: drop groups whose rewards "
-            "are all equal and fill the generation batch with informative groups from further prompts."
-        },
-    )
-
-    branching: bool = field(
-        default=False,
-        metadata={
-            "help": "Branching rollouts at the forks (TreeRL arXiv 2506.11902, FR3E arXiv 2507.07017, CURE arXiv "
-            "2508.11016): M roots per prompt, the other completions branch from their highest-scoring positions."
-        },
-    )
-
     entropy_method: str = field(
         default="none",
         metadata={
@@ -652,6 +731,7 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig, BranchingGRPOConfig):
     )
 
     own_field_prefixes: ClassVar[tuple[str, ...]] = OWN_FIELD_PREFIXES
+    switch_defaults: ClassVar[dict[str, bool]] = {"dynamic_sampling": False, "branching": False}
 
     def __post_init__(self):
         self._check_forking_fields()
@@ -703,6 +783,21 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig, BranchingGRPOConfig):
                 "alone), and the adaptive controller measures the kept tokens' entropy. Set "
                 "forking_kept_entropy_bonus=True (a ForkingGRPOConfig field) to train so, or turn the bonus off "
                 "(entropy_coef=0.0, use_adaptive_entropy=False; the paper uses none)."
+            )
+        if self.forking_mode == "all":
+            why = "forking_mode='all' trains every token"
+            if self.forking_ratio != 1.0:  # 1.0 says the same as 'all'
+                self._refuse_unused(("forking_ratio",), why, "Use forking_mode 'top', 'bottom' or 'random'")
+            self._refuse_unused(
+                ("forking_selection", "forking_scope", "forking_normalizer"),
+                why + " (no threshold is computed)",
+                "Use forking_mode 'top', 'bottom' or 'random'",
+            )
+        if self.forking_kept_entropy_bonus and not entropy_bonus:
+            self._refuse_unused(
+                ("forking_kept_entropy_bonus",),
+                "TRL's entropy bonus is off (entropy_coef=0.0, use_adaptive_entropy=False)",
+                "Set entropy_coef or use_adaptive_entropy",
             )
         if self.forking_normalizer == "kept" and self.loss_type in CONSTANT_NORMALIZER_LOSSES:
             raise ValueError(
@@ -759,6 +854,9 @@ class ForkingGRPOConfig(DynamicSamplingGRPOConfig, BranchingGRPOConfig):
         why = " Below 1 the cap |A|/κ exceeds |A| and can flip a negative advantage's sign (the paper uses κ = 2)."
         number("entropy_adv_kappa", 1.0, why=why)
         method = self.entropy_method
+        for other, parameters in METHOD_PARAMETERS.items():
+            if other != method:
+                self._refuse_unused(parameters, f"entropy_method={method!r}", f"Set entropy_method={other!r}")
         if method == "none":
             return
         if self.entropy_coef != 0.0 or self.use_adaptive_entropy:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from trl import GRPOConfig
 
 from .config import GRPOExtensionConfig, prepare_trainer_args
+from .templates import PLAIN_TEMPLATE, is_conversational, needs_plain_prompts, plain_dataset
 
 
 class TrainerExtension:
@@ -25,6 +26,23 @@ class TrainerExtension:
         args = prepare_trainer_args(type(self), model, args)
         self._check_before_trl(args, kwargs)
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
+        self._write_plain_prompts()
+
+    def _write_plain_prompts(self) -> None:
+        """Chat prompts for a tokenizer without a chat template (or with `prompt_template` set) become plain text
+        through the template (`forking_trl.templates`), before any is generated from: TRL would fail on them
+        ("tokenizer.chat_template is not set") at the first generation."""
+        template = self.args.prompt_template
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # a processor holds one
+        if not needs_plain_prompts(tokenizer, template):
+            return
+        template = template or PLAIN_TEMPLATE
+        datasets = {"train_dataset": self.train_dataset, "eval_dataset": self.eval_dataset}
+        for name, dataset in datasets.items():
+            if isinstance(dataset, dict):
+                setattr(self, name, {k: _plain_if_chat(d, template) for k, d in dataset.items()})
+            elif dataset is not None:
+                setattr(self, name, _plain_if_chat(dataset, template))
 
     def _check_before_trl(self, args: GRPOExtensionConfig, kwargs: dict) -> None:
         """Refuse, before TRL's `__init__`, what the promoted `args` cannot train with the trainer's keyword
@@ -79,3 +97,11 @@ def _configs(model) -> list:
         return []
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return [config] if text is config else [config, text]
+
+
+def _plain_if_chat(dataset, template: str):
+    """`dataset` with its chat prompts as plain text (`plain_dataset`), or as it is when its prompts are text."""
+    first = next(iter(dataset), None)
+    if first is None or "prompt" not in first or not is_conversational(first["prompt"]):
+        return dataset
+    return plain_dataset(dataset, template)

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny Qwen3 model and tokenizer built offline, once per session."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,3 +37,20 @@ def tiny_model(tmp_path_factory):
     from forking_trl.tiny import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tiny_model, tmp_path_factory):
+    """The tiny model saved as a base checkpoint: its tokenizer has no chat template (as Gemma 3 270M base)."""
+    import shutil
+    from pathlib import Path
+
+    path = tmp_path_factory.mktemp("tiny_base") / "model"
+    shutil.copytree(tiny_model, path)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (path / name).unlink(missing_ok=True)
+    config = path / "tokenizer_config.json"
+    settings = json.loads(config.read_text())
+    settings.pop("chat_template", None)
+    config.write_text(json.dumps(settings))
+    return str(Path(path))

@@ -409,7 +409,8 @@ def test_every_field_an_arm_sets_is_validated_and_null_is_unset(tmp_path):
     args = check({"dynamic_sampling": True, "dynamic_sampling_reward": "accuracy_reward"})
     assert args.dynamic_sampling_reward == "accuracy_reward"
     # null is unset, also over a recipe (here a flag) that sets it
-    args = check({"dynamic_sampling_reward": None}, "--dynamic_sampling_reward", "accuracy_reward")
+    flags = ["--dynamic_sampling", "true", "--dynamic_sampling_reward", "accuracy_reward"]
+    args = check({"dynamic_sampling_reward": None}, *flags)
     assert args.dynamic_sampling_reward is None
     assert "None" not in run_flags(recipe, False, "all", 0, tmp_path, {"dynamic_sampling_reward": None})
 

@@ -248,6 +248,8 @@ G, M = 4, 2
 def branching_trainer(tiny_model, tmp_path, trainer_class=BranchingGRPOTrainer, reward=length_reward, **overrides):
     config = BranchingGRPOConfig if trainer_class is BranchingGRPOTrainer else ForkingGRPOConfig
     settings = {"branching": True, "branching_roots": M, "num_generations": G, **overrides}
+    if not settings["branching"]:
+        settings.pop("branching_roots")  # unused, so refused
     args = trainer_args(tmp_path, config_class=config, **settings)
     return trainer_class(tiny_model, reward, args=args, train_dataset=prompt_dataset())
 
@@ -448,6 +450,8 @@ def test_branching_off_trains_exactly_as_grpo_trainer(tiny_model, tmp_path):
 )
 def test_bad_branching_settings_are_refused_at_construction(tmp_path, overrides, message):
     settings = {"branching": True, "branching_roots": M, "num_generations": G, **overrides}
+    if not settings["branching"]:
+        settings.pop("branching_roots")  # unused, so refused
     for config in (BranchingGRPOConfig, ForkingGRPOConfig):
         with pytest.raises(ValueError, match=message):
             trainer_args(tmp_path, config_class=config, **settings)

@@ -138,6 +138,7 @@ def test_forking_fields_lists_every_forking_field():
     recorded = args.forking_fields()
     assert recorded["forking_mode"] == "bottom" and recorded["forking_ratio"] == 0.8
     own = ("forking_", "dynamic_sampling", "branching", "entropy_method", "clip_cov_", "kl_cov_", "entropy_adv_")
+    own += ("prompt_template",)
     assert all(name.startswith(own) for name in recorded) and "forking_scope" in recorded
     assert recorded["dynamic_sampling"] is False and recorded["branching"] is False
     assert recorded["entropy_method"] == "none" and recorded["kl_cov_ratio"] == 2e-3  # the methods' fields too
@@ -146,7 +147,7 @@ def test_forking_fields_lists_every_forking_field():
 # ---------------------------------------------------------------------------------------------------------------
 # DynamicSamplingGRPOConfig: dynamic sampling alone, for plain GRPO
 
-DYNAMIC_FIELDS = {"dynamic_sampling", "dynamic_sampling_max_rounds", "dynamic_sampling_reward"}
+DYNAMIC_FIELDS = {"dynamic_sampling", "dynamic_sampling_max_rounds", "dynamic_sampling_reward", "prompt_template"}
 
 
 def test_dynamic_sampling_config_adds_only_its_fields_each_documented():
@@ -161,6 +162,7 @@ def test_dynamic_sampling_config_adds_only_its_fields_each_documented():
         "dynamic_sampling": True,
         "dynamic_sampling_max_rounds": 10,
         "dynamic_sampling_reward": None,
+        "prompt_template": None,
     }
     assert DynamicSamplingGRPOConfig(**COMMON, top_entropy_quantile=0.2).top_entropy_quantile == 0.2  # TRL's own
 
@@ -193,3 +195,53 @@ def test_dynamic_sampling_cli_flags_override_and_turn_it_off():
         ["--output_dir", "/tmp/x", "--use_cpu", "true", "--dynamic_sampling", "false"]
     )
     assert args.dynamic_sampling is False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a setting that would be ignored is refused, naming the field and the switch (issue 30, item 6)
+
+
+@pytest.mark.parametrize(
+    "settings, field, switch",
+    [
+        # the bug: this built with branching=False and trained plain GRPO without a word
+        (dict(branching_roots=2, branching_advantage="tree"), "branching_roots=2", "branching=False"),
+        (dict(branching_answer_marker="\\boxed{"), "branching_answer_marker", "branching=False"),
+        (dict(branching=True, branching_tree_weighting="none"), "branching_tree_weighting", "branching_advantage='group'"),
+        (dict(dynamic_sampling_max_rounds=3), "dynamic_sampling_max_rounds=3", "dynamic_sampling=False"),
+        (dict(dynamic_sampling_reward="accuracy_reward"), "dynamic_sampling_reward", "dynamic_sampling=False"),
+        (dict(clip_cov_ratio=0.1), "clip_cov_ratio=0.1", "entropy_method='none'"),
+        (dict(entropy_method="kl_cov", entropy_adv_alpha=1.0), "entropy_adv_alpha=1.0", "entropy_method='kl_cov'"),
+        (dict(forking_mode="all", forking_ratio=0.5), "forking_ratio=0.5", "forking_mode='all'"),
+        (dict(forking_mode="all", forking_selection="exact"), "forking_selection", "forking_mode='all'"),
+        (dict(forking_mode="all", forking_scope="batch"), "forking_scope", "forking_mode='all'"),
+        (dict(forking_kept_entropy_bonus=True), "forking_kept_entropy_bonus", "entropy bonus is off"),
+    ],
+)
+def test_a_field_that_would_be_ignored_is_refused(settings, field, switch):
+    with pytest.raises(ValueError, match="would be ignored") as err:
+        ForkingGRPOConfig(**COMMON, per_device_train_batch_size=8, **settings)
+    assert field in str(err.value) and switch in str(err.value)
+
+
+def test_the_same_fields_are_accepted_where_they_are_used():
+    ForkingGRPOConfig(**COMMON, per_device_train_batch_size=8, branching=True, branching_roots=2)
+    ForkingGRPOConfig(**COMMON, per_device_train_batch_size=8, dynamic_sampling=True, dynamic_sampling_max_rounds=3)
+    ForkingGRPOConfig(**COMMON, entropy_method="clip_cov", clip_cov_ratio=0.1)
+    ForkingGRPOConfig(**COMMON, forking_mode="all", forking_ratio=1.0)  # 1.0 says what 'all' means (the runner's)
+    ForkingGRPOConfig(**COMMON, entropy_coef=0.01, forking_kept_entropy_bonus=True)
+    args = ForkingGRPOConfig(**COMMON)
+    args.clip_cov_ratio = 0.1  # set after construction: validate() (every trainer calls it) refuses it too
+    with pytest.raises(ValueError, match="clip_cov_ratio=0.1 is set, but entropy_method='none'"):
+        args.validate()
+
+
+def test_each_switch_is_declared_once_and_its_default_is_the_configs():
+    from forking_trl import BranchingGRPOConfig
+
+    declared = [cls for cls in ForkingGRPOConfig.__mro__ if "branching" in vars(cls).get("__annotations__", {})]
+    assert declared == [BranchingGRPOConfig]
+    assert ForkingGRPOConfig(**COMMON).branching is False
+    assert BranchingGRPOConfig(**COMMON, per_device_train_batch_size=8).branching is True
+    (args,) = TrlParser(ForkingGRPOConfig).parse_args_and_config(["--output_dir", "/tmp/x", "--use_cpu", "true"])
+    assert (args.branching, args.dynamic_sampling) == (False, False)

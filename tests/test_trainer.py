@@ -385,12 +385,12 @@ def test_entropy_method_loss_and_gradients_match_the_reference(make_trainer, met
         forking_mode="all",
         entropy_method=method,
         epsilon=EPS_LOW,
-        clip_cov_ratio=0.2,
-        clip_cov_lb=-1e3,
-        clip_cov_ub=1e3,
-        kl_cov_ratio=0.2,
-        entropy_adv_alpha=2.0,  # large enough that some tokens reach the cap |A|/kappa
         temperature=0.7,
+        **{  # each method's own parameters (another method's would be refused: ignored)
+            "clip_cov": dict(clip_cov_ratio=0.2, clip_cov_lb=-1e3, clip_cov_ub=1e3),
+            "kl_cov": dict(kl_cov_ratio=0.2),
+            "entropy_adv": dict(entropy_adv_alpha=2.0),  # large enough that some tokens reach the cap |A|/kappa
+        }[method],
     )
     inputs = fixed_batch(trainer)
     mask = inputs["completion_mask"].float()
@@ -492,16 +492,11 @@ def test_entropy_methods_compose_with_the_forking_selection(make_trainer):
 
 @pytest.mark.parametrize("method", ["clip_cov", "kl_cov", "entropy_adv"])
 def test_entropy_methods_train_and_log_their_metrics(tiny_model, tmp_path, method):
-    extra = {"kl_cov": dict(steps_per_generation=2, gradient_accumulation_steps=1)}.get(method, {})
-    args = trainer_args(
-        tmp_path,
-        entropy_method=method,
-        forking_mode="all",
-        loss_type="dapo",
-        clip_cov_lb=-1e3,
-        clip_cov_ub=1e3,
-        **extra,
-    )
+    extra = {
+        "kl_cov": dict(steps_per_generation=2, gradient_accumulation_steps=1),
+        "clip_cov": dict(clip_cov_lb=-1e3, clip_cov_ub=1e3),
+    }[method] if method != "entropy_adv" else {}
+    args = trainer_args(tmp_path, entropy_method=method, forking_mode="all", loss_type="dapo", **extra)
     trainer = ForkingGRPOTrainer(tiny_model, length_reward, args=args, train_dataset=prompt_dataset())
     before = snapshot(trainer.model)
     trainer.train()

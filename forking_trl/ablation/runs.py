@@ -23,6 +23,12 @@ def run_spec(ab, argv: list[str], arm: str, seed: int, out: Path, start_model: s
     overrides = ab.arm_fields(arm)
     flags, unset = run_flags(argv, ab.quick, arm, seed, run_dir, overrides), unset_fields(overrides)
     run_ab, run_args = parse_run(flags, unset)
+    if run_args.prompt_template is not None:  # training would use it, the measurements the model's own format
+        raise ValueError(
+            f"prompt_template={run_args.prompt_template!r}: the runner trains and measures every run with the start "
+            "model's own format (its chat template, or forking_trl.templates.PLAIN_TEMPLATE without one); remove "
+            "prompt_template from the recipe."
+        )
     experiment_only = {"arms", "arm_configs", "seeds", "parallel", "launcher", "rerun", "job_timeout_min"}
     identity = {
         "training": run_args.to_dict(),

@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..templates import prompt_text
 from .arguments import AblationArguments
 
 
@@ -45,7 +46,7 @@ def _warm_start(base: Path, out: Path, rows: list[dict], *, steps: int, lr: floa
     for step in tqdm(range(steps), desc="warm start (SFT)"):
         ids, labels = [], []
         for row in rows[(step * batch_size) % len(rows) :][:batch_size]:
-            prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+            prompt = prompt_text(tokenizer, row["prompt"])
             p = tokenizer(prompt, add_special_tokens=False).input_ids
             c = tokenizer(row["completion"] + tokenizer.eos_token, add_special_tokens=False).input_ids
             ids.append(p + c)
