@@ -29,7 +29,9 @@ def check_template(template: str | None, name: str = "prompt_template") -> None:
     try:
         names = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
     except ValueError as err:
-        raise ValueError(f"{name} is not a valid template ({err}); write literal braces as '{{{{' and '}}}}'.") from None
+        raise ValueError(
+            f"{name} is not a valid template ({err}); write literal braces as '{{{{' and '}}}}'."
+        ) from None
     if names != ["prompt"]:
         raise ValueError(
             f"{name} must contain '{{prompt}}' exactly once and no other field; got {template!r} (fields: {names}). "

@@ -182,11 +182,13 @@ def test_explore_recipe_quick_runs_every_arm_with_coverage_and_a_recipe_arm(tmp_
     recipe_arms = ["all", "top", "random", "clip_cov", "kl_cov", "entropy_adv", "branching_group", "branching_tree"]
     arm_configs = yaml.safe_load((ROOT / "examples/recipes/explore_countdown_cpu.yaml").read_text())["arm_configs"]
     arms = [*recipe_arms, "top_adv"]
+    # the built-in clip_cov arm redefined so that Clip-Cov acts within 3 steps (set for every arm, the other arms
+    # would refuse these fields: they would be ignored there)
+    clip_cov = {"entropy_method": "clip_cov", "clip_cov_ratio": 0.05, "clip_cov_lb": -1000}
     report, stdout = run_quick(
         "explore_countdown_cpu.yaml",
         tmp_path,
-        *("--arms", *arms, "--arm_configs", json.dumps({**arm_configs, "top_adv": top_adv})),
-        *("--clip_cov_ratio", "0.05", "--clip_cov_lb", "-1000"),  # so that Clip-Cov acts within 3 steps
+        *("--arms", *arms, "--arm_configs", json.dumps({**arm_configs, "top_adv": top_adv, "clip_cov": clip_cov})),
     )
     assert list(report["arms"]) == arms and report["ablation"]["task"] == "countdown"
     assert report["arm_fields"]["top_adv"] == top_adv

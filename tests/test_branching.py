@@ -233,6 +233,8 @@ from _util import (  # noqa: E402
     trainer_args,
     uneven_prompt_dataset,
 )
+from test_launch import launch  # noqa: E402
+
 from forking_trl import (  # noqa: E402
     BranchingGRPOConfig,
     BranchingGRPOTrainer,
@@ -240,7 +242,6 @@ from forking_trl import (  # noqa: E402
     ForkingGRPOTrainer,
 )
 from forking_trl.branching import answer_start as find_answer  # noqa: E402
-from test_launch import launch  # noqa: E402
 
 G, M = 4, 2
 

@@ -207,7 +207,11 @@ def test_dynamic_sampling_cli_flags_override_and_turn_it_off():
         # the bug: this built with branching=False and trained plain GRPO without a word
         (dict(branching_roots=2, branching_advantage="tree"), "branching_roots=2", "branching=False"),
         (dict(branching_answer_marker="\\boxed{"), "branching_answer_marker", "branching=False"),
-        (dict(branching=True, branching_tree_weighting="none"), "branching_tree_weighting", "branching_advantage='group'"),
+        (
+            dict(branching=True, branching_tree_weighting="none"),
+            "branching_tree_weighting",
+            "branching_advantage='group'",
+        ),
         (dict(dynamic_sampling_max_rounds=3), "dynamic_sampling_max_rounds=3", "dynamic_sampling=False"),
         (dict(dynamic_sampling_reward="accuracy_reward"), "dynamic_sampling_reward", "dynamic_sampling=False"),
         (dict(clip_cov_ratio=0.1), "clip_cov_ratio=0.1", "entropy_method='none'"),

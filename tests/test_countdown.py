@@ -7,7 +7,17 @@ from fractions import Fraction
 
 import pytest
 
-from forking_trl.countdown import MAX_DEPTH, CountdownSpec, canonical, check, combine, generate, number, parse, solutions
+from forking_trl.countdown import (
+    MAX_DEPTH,
+    CountdownSpec,
+    canonical,
+    check,
+    combine,
+    generate,
+    number,
+    parse,
+    solutions,
+)
 from forking_trl.evaluation import coverage_at_k, pass_at_k
 from forking_trl.rewards import countdown_answer, countdown_reward
 

@@ -61,7 +61,9 @@ def test_analyze_runs_on_a_model_without_a_chat_template(tiny_base_model, tmp_pa
     main(["analyze", "--model", tiny_base_model, *argv, "--output-dir", str(tmp_path / "a")])
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["num_tokens"] > 0
     assert "Question: " in (tmp_path / "a" / "tokens.html").read_text()  # the prompt as the model was given it
-    main(["overlap", "--base", tiny_base_model, "--other", tiny_base_model, *argv, "--output-dir", str(tmp_path / "o")])
+    main(
+        ["overlap", "--base", tiny_base_model, "--other", tiny_base_model, *argv, "--output-dir", str(tmp_path / "o")]
+    )
     assert json.loads((tmp_path / "o" / "overlap.json").read_text())["overlap"] == 1.0
     with pytest.raises(SystemExit, match="--prompt-template must contain"):
         main(["analyze", "--model", tiny_base_model, *argv, "--output-dir", str(tmp_path), "--prompt-template", "x"])

@@ -492,10 +492,14 @@ def test_entropy_methods_compose_with_the_forking_selection(make_trainer):
 
 @pytest.mark.parametrize("method", ["clip_cov", "kl_cov", "entropy_adv"])
 def test_entropy_methods_train_and_log_their_metrics(tiny_model, tmp_path, method):
-    extra = {
-        "kl_cov": dict(steps_per_generation=2, gradient_accumulation_steps=1),
-        "clip_cov": dict(clip_cov_lb=-1e3, clip_cov_ub=1e3),
-    }[method] if method != "entropy_adv" else {}
+    extra = (
+        {
+            "kl_cov": dict(steps_per_generation=2, gradient_accumulation_steps=1),
+            "clip_cov": dict(clip_cov_lb=-1e3, clip_cov_ub=1e3),
+        }[method]
+        if method != "entropy_adv"
+        else {}
+    )
     args = trainer_args(tmp_path, entropy_method=method, forking_mode="all", loss_type="dapo", **extra)
     trainer = ForkingGRPOTrainer(tiny_model, length_reward, args=args, train_dataset=prompt_dataset())
     before = snapshot(trainer.model)

@@ -12,10 +12,11 @@ each piece:
   held-out accuracy (greedy, sampled avg@k), pass@k, the entropy pattern, the overlap of the top-20% entropy
   positions with the start model's on its completions (teacher forced).
 - `runs`: one (arm, seed) run as a job: train from the start model and measure (`run_job`; on several processes
-  through `accelerate launch`).
+  through `accelerate launch`); `processes`: such a run's processes end with its job, however it ends.
 - `jobs`: the runs through submitit (`launcher`: `local`, `slurm`, `debug`), resume, failures isolated, progress.
-- `report`: summaries over seeds, `results.json`, `results.md` (tables, verdicts), plots; a measure is one entry of
-  `report.MEASURES` (or `report.CURVES` for one at several k) and appears in the table, the verdicts and the plots.
+- `report`: summaries over seeds, `results.md` (tables, verdicts); a measure is one entry of `report.MEASURES` (or
+  `report.CURVES` for one at several k) and appears in the table, the verdicts and the plots. `plots`: the figures.
+  `write_results` (here) writes `results.json`, `results.md` and the figures.
 
 Outputs: `results.json`, `results.md`, `accuracy.png`, `entropy_training.png`, `pass_at_k.png` and `exploration.png`
 (with pass@k: pass@1 against exploration, one dot per run), `coverage.png` (a task with several solutions),
@@ -35,8 +36,10 @@ from pathlib import Path
 from .arguments import (
     ARM_BASE,
     ARMS,
+    BUNDLED_START_MODELS,
     PAPER_ARMS,
     QUICK_FLAGS,
+    START_SETTINGS,
     TRACKED,
     AblationArguments,
     arm_flags,
@@ -44,34 +47,15 @@ from .arguments import (
     make_parser,
     parse_run,
     run_flags,
+    shipped_start_model,
+    start_settings,
     unset_fields,
 )
 from .jobs import LAUNCHERS, cached_result, gpu_slots, job_environment, least_busy, make_executor, run_jobs, spec_key
-from .report import (
-    CURVES,
-    MEASURES,
-    Curve,
-    Measure,
-    plot_accuracy,
-    plot_curve,
-    plot_entropy_training,
-    results_markdown,
-    verdicts,
-    write_results,
-)
+from .plots import plot_accuracy, plot_curve, plot_entropy_training, plot_exploration
+from .report import CURVES, MEASURES, Curve, Measure, results_markdown, verdicts
 from .runs import run_arm, run_job, run_spec, write_result
-from .start import (
-    BUNDLED_START_MODELS,
-    START_SETTINGS,
-    bundled_start_model,
-    measure,
-    model_checksum,
-    sft_warm_start,
-    start_model,
-    start_settings,
-    task_data,
-)
-
+from .start import measure, model_checksum, sft_warm_start, start_model, task_data
 
 __all__ = [
     "ARMS",
@@ -89,7 +73,6 @@ __all__ = [
     "START_SETTINGS",
     "TRACKED",
     "arm_flags",
-    "bundled_start_model",
     "cached_result",
     "check_arms",
     "gpu_slots",
@@ -103,6 +86,7 @@ __all__ = [
     "plot_accuracy",
     "plot_curve",
     "plot_entropy_training",
+    "plot_exploration",
     "results_markdown",
     "run_ablation",
     "run_arm",
@@ -111,6 +95,7 @@ __all__ = [
     "run_jobs",
     "run_spec",
     "sft_warm_start",
+    "shipped_start_model",
     "spec_key",
     "start_model",
     "start_settings",
@@ -124,6 +109,20 @@ __all__ = [
 
 class RunsFailed(RuntimeError):
     """Some runs failed; the results of those that finished are written (and name the failed ones)."""
+
+
+def write_results(report: dict, out: Path) -> None:
+    """results.json, results.md, accuracy.png, entropy_training.png, and a plot per curve the start has."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(results_markdown(report))
+    plot_accuracy(report, out / "accuracy.png")
+    plot_entropy_training(report, out / "entropy_training.png")
+    for curve in CURVES:
+        if curve.key in report["start"]:
+            plot_curve(report, curve, out / f"{curve.key}.png")
+    if "pass_at_k" in report["start"]:
+        plot_exploration(report, out / "exploration.png")
 
 
 @contextlib.contextmanager

@@ -234,10 +234,8 @@ class AblationArguments:
             raise ValueError(f"task={self.task!r} needs eval_dataset (a bundled name or file held out from it).")
         self.make_task()  # a bad countdown_* range is a ValueError naming it, here
         if self.quick:  # every stage, small; from the shipped start model where the recipe has one
-            from .start import bundled_start_model, start_settings
-
             shipped = self.bundled_start_model and self.start_model is None
-            shipped = shipped and bundled_start_model(start_settings(self))
+            shipped = shipped and shipped_start_model(start_settings(self))
             if shipped:  # a warm start of 60 steps may solve nothing: no reward, no gradient, nothing tested
                 self.start_model = str(shipped)
             self.seeds, self.num_train, self.num_eval, self.eval_k = self.seeds[:1], 2000, 24, 2
@@ -360,3 +358,29 @@ def _check_arm_fields(args, overrides: dict, reward_names: tuple[str, ...]) -> N
             f"dynamic_sampling_reward={reward!r} is not a reward function of the runs: "
             f"{', '.join(map(repr, reward_names))} (or null for the total reward)"
         )
+
+
+# the tiny start models of the CPU recipes' settings (each with its start-settings.json), built by sft_warm_start on
+# this project's machine: shipped so that every machine starts from the same weights (bundled_data/README.md)
+BUNDLED_START_MODELS = {
+    "chain": Path(__file__).resolve().parents[1] / "bundled_data" / "start_model",
+    "countdown": Path(__file__).resolve().parents[1] / "bundled_data" / "start_model_countdown",
+}
+# what the tiny start model is built from, beside the task's own settings: recorded beside it, and compared when an
+# output directory is reused
+START_SETTINGS = ("task", "num_train", "tiny_hidden_size", "tiny_num_layers", "sft_steps", "sft_learning_rate")
+START_SETTINGS += ("sft_batch_size",)
+
+
+def start_settings(ab: AblationArguments) -> dict:
+    """What the tiny start model of `ab` is built from: `START_SETTINGS` and the task's settings."""
+    return {**{name: getattr(ab, name) for name in START_SETTINGS}, **ab.make_task().settings()}
+
+
+def shipped_start_model(settings: dict) -> Path | None:
+    """The shipped start model made with exactly `settings`, if there is one."""
+    for path in BUNDLED_START_MODELS.values():
+        record = path / "start-settings.json"
+        if record.exists() and json.loads(record.read_text()) == settings:
+            return path
+    return None

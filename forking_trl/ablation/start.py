@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ..templates import prompt_text
-from .arguments import AblationArguments
+from .arguments import AblationArguments, shipped_start_model, start_settings
 
 
 def task_data(ab: AblationArguments) -> tuple[list[dict], list[dict]]:
@@ -62,32 +62,6 @@ def _warm_start(base: Path, out: Path, rows: list[dict], *, steps: int, lr: floa
     tokenizer.save_pretrained(out)
 
 
-# the tiny start models of the CPU recipes' settings (each with its start-settings.json), built by sft_warm_start on
-# this project's machine: shipped so that every machine starts from the same weights (bundled_data/README.md)
-BUNDLED_START_MODELS = {
-    "chain": Path(__file__).resolve().parents[1] / "bundled_data" / "start_model",
-    "countdown": Path(__file__).resolve().parents[1] / "bundled_data" / "start_model_countdown",
-}
-# what the tiny start model is built from, beside the task's own settings: recorded beside it, and compared when an
-# output directory is reused
-START_SETTINGS = ("task", "num_train", "tiny_hidden_size", "tiny_num_layers", "sft_steps", "sft_learning_rate")
-START_SETTINGS += ("sft_batch_size",)
-
-
-def start_settings(ab: AblationArguments) -> dict:
-    """What the tiny start model of `ab` is built from: `START_SETTINGS` and the task's settings."""
-    return {**{name: getattr(ab, name) for name in START_SETTINGS}, **ab.make_task().settings()}
-
-
-def bundled_start_model(settings: dict) -> Path | None:
-    """The shipped start model made with exactly `settings`, if there is one."""
-    for path in BUNDLED_START_MODELS.values():
-        record = path / "start-settings.json"
-        if record.exists() and json.loads(record.read_text()) == settings:
-            return path
-    return None
-
-
 def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
     """The start model: `ab.start_model`; or the tiny Qwen3 of `start_settings(ab)`, a shipped one when those are its
     settings (`ab.bundled_start_model`), else warm-started in `out` on the task's worked completions. What is in `out` is reused only when it has the
@@ -99,7 +73,7 @@ def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
     from ..tiny import build_tiny_model
 
     settings = start_settings(ab)
-    shipped = bundled_start_model(settings) if ab.bundled_start_model else None
+    shipped = shipped_start_model(settings) if ab.bundled_start_model else None
     wanted = {**settings, "origin": "shipped" if shipped else "built here"}
     record, model = out / "start-settings.json", out / "start-model"
     made = [out / "start-base", model]
