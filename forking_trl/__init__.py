@@ -12,11 +12,11 @@ from .selection import ForkingSelection, forking_mask, forking_select
 __version__ = "0.1.0"
 
 _LAZY = {
-    "BranchingGRPOConfig": "config",
+    "BranchingGRPOConfig": "branching_config",
     "BranchingGRPOTrainer": "branching_trainer",
-    "DynamicSamplingGRPOConfig": "config",
+    "DynamicSamplingGRPOConfig": "dynamic_sampling_config",
     "DynamicSamplingGRPOTrainer": "dynamic_sampling_trainer",
-    "ForkingGRPOConfig": "config",
+    "ForkingGRPOConfig": "forking_config",
     "ForkingGRPOTrainer": "trainer",
     "ForkingTemperatureLogitsProcessor": "decoding",
 }

@@ -30,7 +30,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from .branching import GroupTree, allowed_positions, answer_start, select_forks, tree_advantages
-from .config import BranchingGRPOConfig
+from .branching_config import BranchingGRPOConfig
 from .dynamic_sampling import training_rewards
 from .extension import TrainerExtension, router_logits_off
 

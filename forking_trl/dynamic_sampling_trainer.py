@@ -31,7 +31,6 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.grpo_trainer import RepeatSampler
 from trl.trainer.utils import repeat_iterable_dataset
 
-from .config import DynamicSamplingGRPOConfig
 from .dynamic_sampling import (
     NORMALIZED_SPREAD_TOLERANCE,
     fill_groups,
@@ -41,6 +40,7 @@ from .dynamic_sampling import (
     take_groups,
     training_rewards,
 )
+from .dynamic_sampling_config import DynamicSamplingGRPOConfig
 from .extension import TrainerExtension
 
 logger = logging.getLogger(__name__)

@@ -46,10 +46,11 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from .branching_trainer import BranchingMixin
-from .config import ON_POLICY_RULE, SEQUENCE_MEAN_LOSSES, ForkingGRPOConfig
+from .config import ON_POLICY_RULE, SEQUENCE_MEAN_LOSSES
 from .credit import METHODS, CreditInputs, MethodTerms, token_covariance
 from .dynamic_sampling_trainer import DynamicSamplingMixin, loss_mask
 from .entropy import LOW_ENTROPY
+from .forking_config import ForkingGRPOConfig
 from .selection import ForkingSelection, forking_select, percentiles, scheduled_ratio
 
 logger = logging.getLogger(__name__)

@@ -67,7 +67,7 @@ def test_the_site_builds_strictly(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     config = (site / "reference" / "config" / "index.html").read_text()
-    from forking_trl.config import BranchingGRPOConfig, DynamicSamplingGRPOConfig, ForkingGRPOConfig
+    from forking_trl import BranchingGRPOConfig, DynamicSamplingGRPOConfig, ForkingGRPOConfig
 
     for cls in (ForkingGRPOConfig, DynamicSamplingGRPOConfig, BranchingGRPOConfig):
         for name in cls.__dataclass_fields__:

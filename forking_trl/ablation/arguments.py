@@ -175,7 +175,7 @@ class AblationArguments:
     )
 
     def __post_init__(self):
-        from ..config import OWN_FIELD_PREFIXES
+        from ..forking_config import OWN_FIELD_PREFIXES
 
         if isinstance(self.arm_configs, str):
             try:
@@ -269,7 +269,7 @@ def make_parser():
     """`TrlParser` over the ablation's arguments and `ForkingGRPOConfig` (`--config recipe.yaml`; flags override)."""
     from trl import TrlParser
 
-    from ..config import ForkingGRPOConfig
+    from ..forking_config import ForkingGRPOConfig
 
     return TrlParser((AblationArguments, ForkingGRPOConfig))
 
