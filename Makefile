@@ -34,7 +34,7 @@ endif
 endif
 endif
 
-.PHONY: install demo test bench ablation collapse explore docs docs-serve
+.PHONY: install demo test bench gpu-check ablation collapse explore docs docs-serve
 
 install: $(STAMP)
 
@@ -66,6 +66,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_selection.py
 	$(PY) benchmarks/bench_entropy.py
 	$(PY) benchmarks/bench_step.py
+
+# on one GPU, within about 8 minutes: step and entropy benchmarks at the Qwen3-0.6B shape, ZeRO-3 and LoRA launches;
+# outputs/gpu_check/summary.md (without a GPU it says so; `python benchmarks/gpu_check.py --smoke` runs it on CPU)
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --output-dir outputs/gpu_check
 
 # the paper's findings in miniature (about 15 minutes on 2 CPU cores): writes outputs/ablation/results.md and plots
 ablation: $(STAMP)

@@ -102,6 +102,12 @@ def main(script_args: MathScriptArguments, training_args: ForkingGRPOConfig, mod
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    accelerator = trainer.accelerator
+    if accelerator.is_main_process:  # what the launch gave: plain, DDP, or DeepSpeed with its ZeRO stage
+        plugin = accelerator.state.deepspeed_plugin
+        stage = f" ZeRO-{plugin.zero_stage}" if plugin is not None else ""
+        print(f"training on {accelerator.num_processes} process(es), {accelerator.distributed_type.value}{stage}, "
+              f"{accelerator.device.type}", flush=True)  # fmt: skip
     trainer.train()
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:

@@ -120,6 +120,66 @@ def build_tiny_model(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# a randomly initialised model at a real model's shape, for benchmarks and the GPU check (no download)
+
+QWEN3_VOCAB = 151_936
+# Qwen3's published configs (config.json of Qwen/Qwen3-0.6B and Qwen/Qwen3-1.7B): the shape only, random weights
+MODEL_SHAPES = {
+    "tiny": dict(hidden_size=128, num_layers=4),  # the tiny Qwen3 of the CPU benchmarks
+    "qwen3-0.6b": dict(
+        hidden_size=1024, num_layers=28, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=128, vocab_size=QWEN3_VOCAB, max_position_embeddings=40960, rope_theta=1_000_000.0,
+    ),
+    "qwen3-1.7b": dict(
+        hidden_size=2048, num_layers=28, intermediate_size=6144, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=128, vocab_size=QWEN3_VOCAB, max_position_embeddings=40960, rope_theta=1_000_000.0,
+    ),
+}  # fmt: skip
+
+
+def build_shaped_model(path: str | Path, shape: str, *, dtype: str = "float32", seed: int = 0) -> Path:
+    """Save a randomly initialised Qwen3 of `shape` (`MODEL_SHAPES`) with the tiny tokenizer to `path` (reused when
+    there) and return it. `"tiny"` is `build_tiny_model`'s model at hidden 128, 4 layers.
+
+    The real shapes keep Qwen3's vocabulary of 151,936 rows (embedding and head), so the logits, the entropy and
+    the memory are at real size, while the tokenizer has 512 tokens: an id it does not know decodes to nothing (the
+    Rust tokenizer skips it), so a completion's text is shorter than its ids, and since the end-of-text token is one
+    of 151,936 a random model seldom samples it: completions run to their length limit, the costly case."""
+    import torch
+    from transformers import GenerationConfig, Qwen3ForCausalLM
+
+    if shape not in MODEL_SHAPES:
+        raise ValueError(f"shape must be one of {', '.join(MODEL_SHAPES)}; got {shape!r}.")
+    path = Path(path)
+    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+        return path
+    settings = dict(MODEL_SHAPES[shape])
+    if shape == "tiny":
+        return build_tiny_model(path, seed=seed, **settings)
+    tokenizer = build_tokenizer(seed=seed)
+    torch.manual_seed(seed)
+    hidden, layers = settings.pop("hidden_size"), settings.pop("num_layers")
+    config = tiny_qwen3_config(
+        settings.pop("vocab_size"),
+        hidden_size=hidden,
+        num_layers=layers,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **settings,
+    )
+    with torch.device("cpu"):
+        model = Qwen3ForCausalLM(config).to(getattr(torch, dtype))
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=True
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # threads: a tiny model's ops are small, so torch's threads meet at a barrier after each one; a thread that another
 # process has descheduled stalls them all (the short demo on 2 cores with both busy: 29.6 s with 2 threads, 19.9 s
 # with 1; idle, 2 threads are faster). So: as many threads as there are idle cores when the work starts.

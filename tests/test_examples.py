@@ -9,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def run(args, cwd):
@@ -155,22 +156,37 @@ def test_selection_benchmark_quick_mode():
     assert row[0] == "2" and int(row[2].replace(",", "")) <= 16 * 1024 and int(row[3].replace(",", "")) <= 16 * 1024
 
 
-def test_entropy_benchmark_quick_mode():
-    out = run(["benchmarks/bench_entropy.py", "--quick", "--repeats", "1"], ROOT)
-    assert "token_entropy" in out and "naive softmax" in out and "max |difference|" in out
-
-
 @pytest.mark.slow
-def test_step_benchmark_quick_mode():
-    out = run(["benchmarks/bench_step.py", "--quick", "--steps", "2"], ROOT)
-    for variant in ("grpo", "grpo_quantile", "forking", "forking_batch", "forking_halfconst", "forking_dynamic"):
-        assert f"{variant} " in out
-    # the last table: rounds, step time and informative share of the trained groups
-    dynamic = [line for line in out.splitlines() if line.strip().startswith("forking_dynamic")][-1]
-    assert dynamic.split()[-1] == "100%"  # with dynamic sampling every trained group is informative
-    # branching against independent sampling: fewer tokens sampled (the copied prefixes are not)
-    branching = [line for line in out.splitlines() if line.strip().startswith("branching ")][-1]
-    assert float(branching.split()[2].rstrip("x")) < 1.0
+def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
+    """`gpu_check.py --smoke`: the GPU check's path at tiny shape on CPU, every part in its own process (the
+    entropy benchmark with TRL's entropy_from_logits among its methods, ZeRO-3 under DS_ACCELERATOR=cpu)."""
+    out = run(["benchmarks/gpu_check.py", "--smoke", "--output-dir", str(tmp_path)], ROOT)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [p["part"] for p in summary["parts"]] == ["bench_step", "bench_entropy", "zero3", "lora"]
+    assert all(p["status"] == "ok" for p in summary["parts"]), out
+    step, entropy, zero3, lora = (p["figures"] for p in summary["parts"])
+    from bench_step import VARIANTS
+
+    assert list(step["variants"]) == list(VARIANTS)  # on CPU every variant of the step benchmark
+    for figures in step["variants"].values():
+        assert sum(figures["split"].values()) == pytest.approx(1.0) and figures["peak_mib"] > 0
+    assert step["variants"]["forking_dynamic"]["informative"] == 1.0  # dynamic sampling trains informative groups
+    grpo, branching = step["variants"]["grpo"], step["variants"]["branching"]
+    assert branching["sampled_tokens"] < grpo["sampled_tokens"]  # a branch does not sample its copied prefix
+    assert set(entropy["methods"]) == {"token_entropy", "trl_entropy_from_logits", "naive"}
+    assert entropy["methods"]["token_entropy"]["max_abs_err_first8"] < 1e-3
+    for training in (zero3, lora):  # trained for real: a reward with spread, so a gradient
+        assert training["grad_norm"] > 0 and 0.1 < training["forking/kept_fraction"] < 0.3
+    assert zero3["dynamic_sampling/rounds"] == 1  # the paper's recipe, dynamic sampling included
+    assert zero3["launch"] == "1 process(es), DEEPSPEED ZeRO-3, cpu" and lora["launch"] == "1 process(es), NO, cpu"
+    assert (tmp_path / "summary.md").read_text().count("| ok |") == 4
+
+
+def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is visible: the check would run")
+    out = run(["benchmarks/gpu_check.py", "--output-dir", str(tmp_path)], ROOT)
+    assert "no CUDA device is visible" in out and not (tmp_path / "summary.json").exists()
 
 
 def test_evaluate_pass_at_k_counts_every_sample_drawn():
