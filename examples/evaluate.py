@@ -36,6 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from forking_trl.data import BENCHMARKS  # noqa: E402
 from forking_trl.evaluation import MATH, pass_at_k_ks, score_samples  # noqa: E402
+from forking_trl.models import resolve_model  # noqa: E402
 from forking_trl.tasks import GENERATED, MathDataset, Task, get_task  # noqa: E402
 from forking_trl.templates import check_template, needs_plain_prompts, prompt_text  # noqa: E402
 
@@ -145,7 +146,11 @@ def score_benchmark(samples: list[list[str]], rows: list[dict], k: int, pass_k: 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model path or Hub id")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model folder, Hub id, .gguf file, or a real model's name: smollm2-135m-instruct, gemma-3-270m",
+    )
     parser.add_argument(
         "--benchmarks",
         nargs="+",
@@ -204,6 +209,8 @@ def main():
         except ImportError:
             backend = "transformers"
 
+    model = args.model
+    args.model = resolve_model(args.model)  # a real model's name or a .gguf file: a plain cached checkpoint
     results, started = {}, time.time()
     generate = (vllm_generator if backend == "vllm" else transformers_generator)(args.model, args)
     for name in [f"{Path(args.recipe).stem} (held out)"] if args.recipe else args.benchmarks:
@@ -214,7 +221,8 @@ def main():
 
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "model": args.model,
+        "model": model,
+        "model_path": args.model,
         "backend": backend,
         "seconds": round(time.time() - started, 1),
         "args": vars(args),

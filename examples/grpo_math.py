@@ -33,6 +33,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from forking_trl import ForkingGRPOConfig, ForkingGRPOTrainer
 from forking_trl.data import DEFAULT_INSTRUCTION, load_math_dataset
+from forking_trl.models import resolve_model
 from forking_trl.rewards import get_reward_funcs
 
 
@@ -66,6 +67,9 @@ def main(script_args: MathScriptArguments, training_args: ForkingGRPOConfig, mod
     ################
     # Model
     ################
+    # a folder, a Hub id, a real model's name (smollm2-135m-instruct, gemma-3-270m: offline from the package index)
+    # or a .gguf file: the last two become a plain checkpoint, converted once and cached (forking_trl.models)
+    model_args.model_name_or_path = resolve_model(model_args.model_name_or_path)
     training_args.model_init_kwargs = {
         "dtype": model_args.dtype,
         "attn_implementation": model_args.attn_implementation,

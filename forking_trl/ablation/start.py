@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..models import resolve_model
 from ..templates import prompt_text
 from .arguments import AblationArguments, shipped_start_model, start_settings
 
@@ -66,8 +67,8 @@ def start_model(ab: AblationArguments, out: Path, train: list[dict]) -> str:
     """The start model: `ab.start_model`; or the tiny Qwen3 of `start_settings(ab)`, a shipped one when those are its
     settings (`ab.bundled_start_model`), else warm-started in `out` on the task's worked completions. What is in `out` is reused only when it has the
     same settings and origin (recorded in `out/start-settings.json`); else it is replaced, with a message."""
-    if ab.start_model is not None:
-        return ab.start_model
+    if ab.start_model is not None:  # a folder, a Hub id, a real model's name or a .gguf file
+        return str(resolve_model(ab.start_model))
     import shutil
 
     from ..tiny import build_tiny_model
