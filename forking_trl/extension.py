@@ -105,6 +105,11 @@ def _configs(model) -> list:
 def _plain_if_chat(dataset, template: str):
     """`dataset` with its chat prompts as plain text (`plain_dataset`), or as it is when its prompts are text."""
     first = next(iter(dataset), None)
-    if first is None or "prompt" not in first or not is_conversational(first["prompt"]):
+    if not isinstance(first, dict) or not is_conversational(first.get("prompt")):
         return dataset
+    if not hasattr(dataset, "map"):
+        raise ValueError(
+            f"the tokenizer has no chat template (or prompt_template is set), and the {type(dataset).__name__} holds "
+            "chat prompts that only a `datasets` dataset can rewrite: give plain-text prompts, or a datasets.Dataset."
+        )
     return plain_dataset(dataset, template)
