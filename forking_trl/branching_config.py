@@ -69,11 +69,9 @@ class BranchingGRPOConfig(GRPOExtensionConfig):
         > The prompt format
 
         prompt_template (`str` or `None`, *optional*, defaults to `None`):
-            How chat prompts (`[{"role": "user", "content": ...}]`, what every forking_trl dataset adapter writes)
-            reach a model whose tokenizer has no chat template (a base checkpoint): as plain text, the system and user
-            contents joined by a blank line in the template's one `{prompt}`. `None`: the tokenizer's chat template
-            where it has one, else `"Question: {prompt}\nAnswer:"` (`forking_trl.templates.PLAIN_TEMPLATE`). Set,
-            the template is used whatever the tokenizer has. Plain-text prompts are used as they are.
+            How chat prompts reach a model whose tokenizer has no chat template (a base checkpoint): as plain text in
+            the template's one `{prompt}`; `None`: the tokenizer's chat template where it has one, else
+            `"Question: {prompt}\nAnswer:"`. As in [`DynamicSamplingGRPOConfig`], which documents it in full.
     """
 
     own_field_prefixes: ClassVar[tuple[str, ...]] = ("branching", "prompt_template")
