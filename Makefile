@@ -60,7 +60,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py --output_dir outputs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_selection.py

@@ -32,7 +32,7 @@ def test_without_an_active_environment_it_makes_its_own_venv(checkout):
     done = make(checkout, "-n", "test", f"PYTHON={sys.executable}")
     assert done.returncode == 0, done.stderr
     assert f"{sys.executable} -m venv {checkout}/.venv" in done.stdout
-    assert f"{checkout}/.venv/bin/python -m pytest -q tests" in done.stdout
+    assert f"{checkout}/.venv/bin/python -m pytest -q --durations=15 tests" in done.stdout
     assert "pip install" in done.stdout and " -q -e" not in done.stdout  # progress shown, not -q silence
 
 
