@@ -244,17 +244,19 @@ def report(results: dict, args, rounds: int, steps: int) -> None:
     print("selection share: time inside the selection hook (forking_batch: and its extra forward) / step time")
     print("split: generation / scoring / update, shares of the step time")
 
-    if {"forking_halfconst", "forking_dynamic"} <= set(variants):
-        half = median["forking_halfconst"]
+    dynamic = [v for v in ("forking_halfconst", "forking_dynamic") if v in variants]
+    if dynamic:
+        half = median.get("forking_halfconst")  # 'vs without' needs the run without dynamic sampling
         print("\nDynamic sampling, reward constant for half the prompts (same run):")
         print(
             f"{'variant':>18}{'rounds / step':>15}{'s / step':>10}{'vs without':>12}{'informative groups trained':>28}"
         )
-        for variant in ("forking_halfconst", "forking_dynamic"):
+        for variant in dynamic:
             rounds_per_step = statistics.mean(x["rounds"] for x in results[variant])
             informative = statistics.mean(x["informative"] for x in results[variant])
             t = median[variant]
-            print(f"{variant:>18}{rounds_per_step:>15.2f}{t:>10.3f}{t / half:>11.3f}x{100 * informative:>27.0f}%")
+            versus = f"{t / half:>11.3f}x" if half else f"{'-':>12}"
+            print(f"{variant:>18}{rounds_per_step:>15.2f}{t:>10.3f}{versus}{100 * informative:>27.0f}%")
             summary["variants"][variant].update(rounds_per_step=rounds_per_step, informative=informative)
 
     branching = [v for v in ("branching", "branching_tree") if v in variants]

@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# with --smoke: the batch scope's extra forward, dynamic sampling's table and branching's (grpo is always run)
-SMOKE_VARIANTS = "forking_batch,forking_halfconst,forking_dynamic,branching"
+# with --smoke: dynamic sampling's table and branching's (grpo is always run)
+SMOKE_VARIANTS = "forking_dynamic,branching"
 
 PARTS = ("bench_step", "bench_entropy", "zero3", "lora")
 # seconds each part may take: the four within about 8 minutes on one GPU, the model's build (about 30 s) aside

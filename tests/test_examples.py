@@ -164,7 +164,7 @@ def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     assert [p["part"] for p in summary["parts"]] == ["bench_step", "bench_entropy", "zero3", "lora"]
     assert all(p["status"] == "ok" for p in summary["parts"]), out
     step, entropy, zero3, lora = (p["figures"] for p in summary["parts"])
-    assert list(step["variants"]) == ["grpo", "forking_batch", "forking_halfconst", "forking_dynamic", "branching"]
+    assert list(step["variants"]) == ["grpo", "forking_dynamic", "branching"]
     for figures in step["variants"].values():
         assert sum(figures["split"].values()) == pytest.approx(1.0) and figures["peak_mib"] > 0
     assert step["variants"]["forking_dynamic"]["informative"] == 1.0  # dynamic sampling trains informative groups

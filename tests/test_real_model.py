@@ -8,13 +8,10 @@ session's own; they are skipped, saying why, only where the model cannot be obta
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from forking_trl import models
 from forking_trl.models import REAL_MODELS, ModelUnavailable, RealModel, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,7 +218,7 @@ def test_one_lora_step_of_the_forking_trainer_on_smollm2(smollm2, tmp_path):
 
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + {i}?"}]} for i in range(4)])
     args = ForkingGRPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=12,
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
         max_steps=1, learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
         disable_tqdm=True, model_init_kwargs={"dtype": "float32"},
     )  # fmt: skip
