@@ -69,9 +69,9 @@ def prompt_text(tokenizer, prompt, template: str | None = None) -> str:
     template whatever the tokenizer has."""
     if not is_conversational(prompt):
         return prompt
-    if template is None and has_chat_template(tokenizer):
+    if not needs_plain_prompts(tokenizer, template):
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return plain_prompt(prompt, PLAIN_TEMPLATE if template is None else template)
+    return plain_prompt(prompt, template or PLAIN_TEMPLATE)
 
 
 def needs_plain_prompts(tokenizer, template: str | None) -> bool:
