@@ -87,3 +87,35 @@ def test_a_resumed_run_ends_the_stale_processes_of_its_earlier_try(tmp_path, cle
     assert set(workers) <= set(ended) and gone([job.pid, *workers])
     assert end_stale(str(folder)) == []
     assert os.getpid() not in ended  # its own command line may name the folder too; never itself
+
+
+RUNNER = ROOT / "tests" / "scripts" / "local_runner.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_local_jobs_end_with_a_runner_started_in_the_background(tmp_path, cleanup, stop):
+    """The runner's local jobs trained on as orphans after `kill <runner>` when the runner had been started in the
+    background (`cmd &`, nohup, a non-interactive shell): such a process ignores SIGINT, and submitit's cancel is a
+    SIGINT to its controller. And a SIGKILL to the runner left them whatever its start. Now a cancelled local job's
+    tree is ended here, and a local job ends by itself once its runner is gone."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def in_the_background():  # what `&` in a non-interactive shell does to the command
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    runner = subprocess.Popen(
+        [sys.executable, str(RUNNER), str(tmp_path)], env=env, preexec_fn=in_the_background, start_new_session=True
+    )
+    cleanup.append(runner.pid)
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("r*/pids-*"))) < 2:
+        assert runner.poll() is None, "the runner ended before its jobs started"
+        assert time.time() < deadline, "the jobs did not start within 120 s"
+        time.sleep(0.2)
+    pids = tree(runner.pid)  # submitit's controllers, the jobs, their children
+    jobs = [int(n) for p in tmp_path.glob("r*/pids-*") for n in p.name.split("-")[1:]]
+    assert set(jobs) <= set(pids) and len(pids) >= 6
+    runner.send_signal(stop)
+    runner.wait(30)
+    assert gone(pids), [psutil.Process(p).cmdline() for p in pids if psutil.pid_exists(p)]

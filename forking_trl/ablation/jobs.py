@@ -6,7 +6,9 @@ where there are GPUs), Slurm (one array job per experiment), or the debug execut
   again; `--rerun true` trains every run.
 - Failures isolated: a failed run is reported with the end of its log, the others go on; the caller writes the
   results of those that finished and names the others.
-- Ctrl-C, or a SIGTERM to this command (`kill`, a scheduler stopping it), cancels the jobs this command started.
+- Ctrl-C, or a SIGTERM to this command (`kill`, a scheduler stopping it), cancels the jobs this command started
+  (a local job's whole process tree); a local job also ends by itself once this command is gone, however it went
+  (`end_with_runner`).
 - Progress: a line per finished run, and an estimate of the time left.
 """
 
@@ -21,6 +23,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
+
+from .processes import end_tree
 
 LAUNCHERS = ("local", "slurm", "debug")
 POLL_S = 1.0
@@ -158,7 +164,7 @@ def run_jobs(specs: list[dict], ab, out: Path, job_fn, report) -> list[Finished]
         report(outcomes[i], len(durations), len(todo), eta())
 
     try:
-        with _terminate_as_interrupt():
+        with _terminate_as_interrupt(), _runner_named(ab.launcher == "local"):
             if ab.launcher == "slurm":
                 jobs = submit_slurm(executor, job_fn, [specs[i] for i in todo])
                 for i, job in zip(todo, jobs, strict=True):
@@ -177,7 +183,10 @@ def run_jobs(specs: list[dict], ab, out: Path, job_fn, report) -> list[Finished]
                         placed[i] = least_busy(slots, busy)
                         executor.update_parameters(gpus_per_node=len(placed[i]), visible_gpus=placed[i])
                     started[i] = time.time()
-                    running[i] = executor.submit(job_fn, specs[i])
+                    if ab.launcher == "local":
+                        running[i] = executor.submit(_local_job, job_fn, specs[i])
+                    else:
+                        running[i] = executor.submit(job_fn, specs[i])
                     if ab.launcher == "debug":  # in this process: it runs when asked for its outcome
                         finish(i, running.pop(i))
                 for i, job in list(running.items()):
@@ -187,13 +196,81 @@ def run_jobs(specs: list[dict], ab, out: Path, job_fn, report) -> list[Finished]
                     time.sleep(POLL_S)
     except KeyboardInterrupt:
         for job in running.values():
-            try:
-                job.cancel(check=False)
-            except Exception:  # noqa: BLE001 - cancel what can be cancelled
-                pass
+            cancel(job, ab.launcher)
         print(f"\ninterrupted: cancelled {len(running)} running job(s) this command started", flush=True)
         raise
     return [outcomes[i] for i in range(len(specs))]
+
+
+def cancel(job, launcher: str) -> None:
+    """Cancel a running job. A local job's process tree (submitit's controller, the task, what the task started) is
+    ended here, SIGTERM then SIGKILL: submitit's own cancel is a SIGINT to the controller, which a process started in
+    the background (`cmd &`, nohup, a non-interactive shell) ignores, so the job trained on as an orphan."""
+    try:
+        job.cancel(check=False)
+    except Exception:  # noqa: BLE001 - cancel what can be cancelled
+        pass
+    if launcher == "local" and str(getattr(job, "job_id", "")).isdigit():  # a local job's id is its controller's pid
+        end_tree(int(job.job_id))
+
+
+RUNNER_ENV = "FORKING_TRL_RUNNER"  # "pid:create_time" of the command whose local jobs these are
+
+
+def runner_identity() -> str:
+    """This process as `RUNNER_ENV` names it (the start time tells a reused pid from this process)."""
+    return f"{os.getpid()}:{psutil.Process().create_time()}"
+
+
+def runner_alive(identity: str) -> bool:
+    """Whether the process `identity` (`runner_identity`) still runs."""
+    pid, created = identity.split(":")
+    try:
+        return psutil.Process(int(pid)).create_time() == float(created)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def _local_job(job_fn, spec: dict):
+    """A local job: `job_fn(spec)`, ended with the command that submitted it, however that command ended."""
+    end_with_runner()
+    return job_fn(spec)
+
+
+def end_with_runner(poll_s: float = 1.0) -> bool:
+    """In a local job: end this process, and what it started, once the command that submitted it is gone (however
+    it went: SIGKILL leaves no chance to cancel). A daemon thread polls every `poll_s`; False where there is no
+    runner to watch (`RUNNER_ENV` unset: a Slurm job, the debug launcher, a direct call)."""
+    identity = os.environ.get(RUNNER_ENV)
+    if not identity or ":" not in identity:
+        return False
+
+    def watch():
+        while runner_alive(identity):
+            time.sleep(poll_s)
+        for child in psutil.Process().children(recursive=True):
+            end_tree(child.pid)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-runner", daemon=True).start()
+    return True
+
+
+@contextlib.contextmanager
+def _runner_named(local: bool):
+    """Inside the block the jobs submitted (local ones: they inherit the environment) know this process."""
+    if not local:
+        yield
+        return
+    before = os.environ.get(RUNNER_ENV)
+    os.environ[RUNNER_ENV] = runner_identity()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(RUNNER_ENV, None)
+        else:
+            os.environ[RUNNER_ENV] = before
 
 
 @contextlib.contextmanager
