@@ -106,9 +106,15 @@ def _enough(held: list[dict], num_eval: int, task: Task, num_train: int) -> list
 class _Drawn(Task):
     """A generated task with one valid path per problem (its `rows(n, seed)`, its `seed`): training rows drawn with
     `seed + 1` (problems repeat when the space is small), held-out ones with `seed + 2` and without the training
-    prompts."""
+    prompts. `instruction`, when set, follows each question (`What is 7 + 12? Answer with just the number.`): a
+    pretrained instruct model answers in its own words, and a sentence of format steers it without teaching it."""
 
     seed: int
+    instruction: str
+
+    def question(self, text: str) -> list[dict]:
+        """The chat prompt of a question: the question, then the instruction when there is one."""
+        return _chat(f"{text} {self.instruction}" if self.instruction else text)
 
     def rows(self, n: int, seed: int) -> list[dict]:
         raise NotImplementedError
@@ -125,6 +131,7 @@ class Arithmetic(_Drawn):
 
     max_operand: int = 9
     seed: int = 0
+    instruction: str = ""
     name = "arithmetic"
 
     def rows(self, n: int, seed: int) -> list[dict]:
@@ -136,7 +143,7 @@ class Arithmetic(_Drawn):
             result = a + b if op == "+" else a - b
             out.append(
                 {
-                    "prompt": _chat(f"What is {a} {op} {b}?"),
+                    "prompt": self.question(f"What is {a} {op} {b}?"),
                     "solution": str(result),
                     "completion": f"{a} {op} {b} = {result}. The answer is \\boxed{{{result}}}.",
                 }
@@ -144,7 +151,7 @@ class Arithmetic(_Drawn):
         return out
 
     def settings(self) -> dict:
-        return {"max_operand": self.max_operand}
+        return {"max_operand": self.max_operand, **({"instruction": self.instruction} if self.instruction else {})}
 
 
 @dataclass
@@ -160,6 +167,7 @@ class Chain(_Drawn):
     max_operand: int = 20
     steps: int = 2
     seed: int = 0
+    instruction: str = ""
     name = "chain"
 
     def rows(self, n: int, seed: int) -> list[dict]:
@@ -176,7 +184,7 @@ class Chain(_Drawn):
                 value = result
             out.append(
                 {
-                    "prompt": _chat(f"What is {question}?"),
+                    "prompt": self.question(f"What is {question}?"),
                     "solution": str(value),
                     "completion": " ".join(work) + f" The answer is \\boxed{{{value}}}.",
                 }
@@ -184,7 +192,10 @@ class Chain(_Drawn):
         return out
 
     def settings(self) -> dict:
-        return {"max_operand": self.max_operand, **({"steps": self.steps} if self.steps != 2 else {})}
+        optional = {"steps": self.steps} if self.steps != 2 else {}
+        if self.instruction:
+            optional["instruction"] = self.instruction
+        return {"max_operand": self.max_operand, **optional}
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -256,7 +256,11 @@ def test_pass_at_k_table_verdicts_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "recipe", ["ablation_cpu.yaml", "collapse_cpu.yaml", "collapse_unstable_cpu.yaml", "explore_countdown_cpu.yaml"]
+    "recipe",
+    [
+        *("ablation_cpu.yaml", "collapse_cpu.yaml", "collapse_unstable_cpu.yaml", "explore_countdown_cpu.yaml"),
+        "smollm2_135m_lora_cpu.yaml",
+    ],
 )
 def test_runner_recipes_parse_and_every_arm_validates(recipe, tmp_path, capsys):
     argv = ["--config", str(ROOT / "examples/recipes" / recipe), "--output_dir", str(tmp_path)]
@@ -271,6 +275,9 @@ def test_runner_recipes_parse_and_every_arm_validates(recipe, tmp_path, capsys):
         assert ab.make_task().spec.min_solutions == 2 and args.steps_per_generation == 2
         for arm in ("branching_group", "branching_tree"):
             assert ab.arm_fields(arm)["branching"] is True and args.num_generations == 8
+    if recipe.startswith("smollm2"):  # a real model by name, LoRA, the instruction after each question
+        assert ab.start_model == "smollm2-135m-instruct" and ab.peft_config().r == 16 and ab.arms == ["all", "top"]
+        assert ab.make_task().rows(1, 0)[0]["prompt"][0]["content"].endswith("? Answer with just the number.")
 
 
 def test_dataset_task_drops_held_out_problems_seen_in_training(capsys):
@@ -496,7 +503,8 @@ class FakeExecutor:
     def update_parameters(self, **kwargs):
         self.parameters.update(kwargs)
 
-    def submit(self, fn, spec):
+    def submit(self, fn, *args):  # a local job: (the wrapper, job_fn, spec); else (job_fn, spec)
+        spec = args[-1]
         job = FakeJob({**spec, "devices": self.parameters.get("visible_gpus")}, self.done_after)
         self.submitted.append(job)
         return job
@@ -610,6 +618,46 @@ def test_launcher_fields_are_validated():
     assert AblationArguments(slurm_additional='{"qos": "high"}').slurm_additional == {"qos": "high"}
     with pytest.raises(ValueError, match="accelerate_config='nope.yaml' is not a file"):
         AblationArguments(accelerate_config="nope.yaml")
+
+
+def test_lora_and_task_instruction_fields_are_validated(tmp_path):
+    """LoRA and the task's instruction: a setting that would be ignored is refused, naming it; ZeRO-3 with LoRA is
+    refused (the adapter is merged on the main process, which sharded weights do not allow)."""
+    with pytest.raises(ValueError, match="lora_alpha set without lora_r"):
+        AblationArguments(lora_alpha=64)
+    with pytest.raises(ValueError, match="lora_r must be >= 0"):
+        AblationArguments(lora_r=-1)
+    with pytest.raises(ValueError, match="task_instruction is for the chain and arithmetic tasks; task='countdown'"):
+        AblationArguments(task="countdown", task_instruction="Be brief.")
+    zero3 = ROOT / "accelerate_configs/zero3.yaml"
+    with pytest.raises(ValueError, match="lora_r with a ZeRO-3 accelerate_config"):
+        AblationArguments(lora_r=8, processes_per_run=2, accelerate_config=str(zero3))
+    ab = AblationArguments(lora_r=8, lora_target_modules="q_proj, v_proj", task="arithmetic", task_instruction="Hi.")
+    assert ab.peft_config().r == 8 and set(ab.peft_config().target_modules) == {"q_proj", "v_proj"}
+    assert AblationArguments().peft_config() is None
+    assert ab.make_task().rows(1, 0)[0]["prompt"][0]["content"].endswith("? Hi.")
+
+
+def test_a_lora_run_is_measured_on_its_merged_model(tmp_path, monkeypatch):
+    """`lora_r`: the run trains an adapter (the base weights do not move), and `final/` is the merged model, a plain
+    checkpoint that `measure` loads and that differs from the start model by the adapter's product."""
+    import torch
+    from safetensors.torch import load_file
+
+    import forking_trl.ablation as ablation
+
+    argv = ["--config", str(ROOT / "examples/recipes/ablation_cpu.yaml"), "--quick", "true", "--launcher", "debug"]
+    argv += ["--output_dir", str(tmp_path), "--arms", "top", "--lora_r", "4", "--max_steps", "2"]
+    argv += ["--learning_rate", "1e-2"]
+    report = ablation.run_ablation(argv)
+    final = tmp_path / "runs" / "top-seed0" / "final"
+    assert (final / "config.json").exists() and not (final / "adapter_config.json").exists()
+    shipped = ablation.BUNDLED_START_MODELS["chain"]  # --quick starts from the shipped start model
+    trained, start = load_file(final / "model.safetensors"), load_file(shipped / "model.safetensors")
+    assert set(trained) == set(start)  # no lora_ weights left: merged
+    moved = [k for k in start if not torch.equal(trained[k], start[k])]
+    assert moved and all(k.endswith("proj.weight") for k in moved)  # the adapted linear layers only
+    assert "accuracy" in report["arms"]["top"]["runs"][0]
 
 
 def test_a_result_is_reused_only_for_the_same_specification(tmp_path):

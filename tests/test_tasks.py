@@ -27,6 +27,23 @@ def test_chain_and_arithmetic_rows_are_those_the_experiments_ran_on():
         assert row["completion"].endswith(f"\\boxed{{{row['solution']}}}.")
 
 
+def test_an_instruction_follows_each_question_and_is_recorded_in_the_settings():
+    """`instruction` (for a pretrained instruct model): the same problems, the sentence after each question; the rows
+    without one are unchanged (the hashes above), and the settings name it only when it is set."""
+    plain, told = Arithmetic(max_operand=20), Arithmetic(max_operand=20, instruction="Answer with just the number.")
+    for a, b in zip(plain.rows(20, 1), told.rows(20, 1)):
+        assert b["prompt"][0]["content"] == a["prompt"][0]["content"] + " Answer with just the number."
+        assert (b["solution"], b["completion"]) == (a["solution"], a["completion"])
+    assert plain.settings() == {"max_operand": 20}
+    assert told.settings() == {"max_operand": 20, "instruction": "Answer with just the number."}
+    chain = Chain(instruction="Be brief.").rows(3, 1)
+    assert all(r["prompt"][0]["content"].endswith("? Be brief.") for r in chain)
+    assert (
+        Chain(instruction="Be brief.").settings()["instruction"] == "Be brief."
+        and "instruction" not in Chain().settings()
+    )
+
+
 def test_a_generated_tasks_held_out_problems_never_meet_training():
     with pytest.raises(ValueError, match="no held-out problem is left"):
         Chain(max_operand=3).split(3000, 50)  # 256 problems in all: training covers every one

@@ -23,7 +23,8 @@ ARMS = {
 }
 PAPER_ARMS = ["all", "top", "bottom", "random"]
 TRACKED = (
-    *("reward", "entropy", "entropy/p50", "entropy/p80", "entropy/p95", "entropy/share_below_0.01", "forking/ratio"),
+    *("reward", "step_time", "entropy", "entropy/p50", "entropy/p80", "entropy/p95", "entropy/share_below_0.01"),
+    "forking/ratio",
     *("cov/mean", "cov/kept", "clip_cov/clipped_fraction", "kl_cov/penalized_fraction", "kl_cov/penalty"),
     *("entropy_adv/shaping", "entropy_adv/capped_fraction"),
     *("branching/forks_per_root", "branching/generated_tokens_ratio", "branching/changed_outcome"),
@@ -61,7 +62,7 @@ class AblationArguments:
         default="chain",
         metadata={
             "help": "The task (forking_trl.tasks): 'chain' (synthetic two-step +/- arithmetic with a worked chain, "
-            "one valid path per problem), 'countdown' (reach a target from given numbers: several solutions per "
+            "one valid path per problem), 'arithmetic' (one +/- operation), 'countdown' (reach a target from given numbers: several solutions per "
             "problem, coverage measured; its ranges are the countdown_* fields), or a math dataset for "
             "forking_trl.data.load_math_dataset (bundled name or file)."
         },
@@ -87,7 +88,14 @@ class AblationArguments:
     )
     eval_max_new_tokens: int = field(default=40, metadata={"help": "Completion length at evaluation."})
     eval_batch_size: int = field(default=64, metadata={"help": "Prompts per generate call at evaluation."})
-    max_operand: int = field(default=20, metadata={"help": "Chain task: operands from 0 to this."})
+    max_operand: int = field(default=20, metadata={"help": "Chain and arithmetic tasks: operands from 0 to this."})
+    task_instruction: str = field(
+        default="",
+        metadata={
+            "help": "Chain and arithmetic tasks: a sentence after each question, e.g. 'Answer with just the number.' "
+            "for a pretrained instruct model (start_model) that would otherwise answer at length; empty: none."
+        },
+    )
     countdown_num_count: int = field(default=3, metadata={"help": "Countdown: numbers per problem (2 to 5)."})
     countdown_low: int = field(default=1, metadata={"help": "Countdown: smallest number."})
     countdown_high: int = field(default=9, metadata={"help": "Countdown: largest number."})
@@ -109,6 +117,18 @@ class AblationArguments:
     sft_steps: int = field(default=800, metadata={"help": "Tiny start model: supervised warm-start steps."})
     sft_learning_rate: float = field(default=3e-3, metadata={"help": "Tiny start model: warm-start learning rate."})
     sft_batch_size: int = field(default=32, metadata={"help": "Tiny start model: warm-start batch size."})
+    lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "LoRA rank of every run (peft; the adapter is merged into the model that is measured); 0: full "
+            "fine-tuning. For a pretrained start_model on a small machine."
+        },
+    )
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA: alpha (scale alpha / r); only with lora_r."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={"help": "LoRA: the modules adapted, 'all-linear' or comma-separated names; only with lora_r."},
+    )
     bundled_start_model: bool = field(
         default=True,
         metadata={
@@ -230,6 +250,20 @@ class AblationArguments:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}.")
         from ..tasks import GENERATED
 
+        if self.task_instruction and self.task not in ("chain", "arithmetic"):
+            raise ValueError(f"task_instruction is for the chain and arithmetic tasks; task={self.task!r} has none.")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0 (0: full fine-tuning); got {self.lora_r!r}.")
+        lora_set = [n for n in ("lora_alpha", "lora_target_modules") if getattr(self, n) != _DEFAULTS[n]]
+        if lora_set and not self.lora_r:
+            raise ValueError(
+                f"{', '.join(lora_set)} set without lora_r: LoRA is off (lora_r=0); set lora_r or remove them."
+            )
+        if self.lora_r and self.processes_per_run > 1 and _zero_stage(self.accelerate_config) == 3:
+            raise ValueError(
+                "lora_r with a ZeRO-3 accelerate_config: the adapter is merged into the measured model on the main "
+                "process, which ZeRO-3's sharded weights do not allow; use lora_r=0 or a non-ZeRO-3 config."
+            )
         if self.task not in GENERATED and self.eval_dataset is None:
             raise ValueError(f"task={self.task!r} needs eval_dataset (a bundled name or file held out from it).")
         self.make_task()  # a bad countdown_* range is a ValueError naming it, here
@@ -246,8 +280,8 @@ class AblationArguments:
         """The task (`forking_trl.tasks`) of these arguments."""
         from ..tasks import get_task
 
-        if self.task == "chain":
-            return get_task("chain", max_operand=self.max_operand)
+        if self.task in ("chain", "arithmetic"):
+            return get_task(self.task, max_operand=self.max_operand, instruction=self.task_instruction)
         if self.task == "countdown":
             spec = {name[len("countdown_") :]: getattr(self, name) for name in COUNTDOWN_FIELDS}
             try:
@@ -256,9 +290,33 @@ class AblationArguments:
                 raise ValueError(f"countdown_* fields: {err}") from None
         return get_task(self.task, eval_dataset=self.eval_dataset)
 
+    def peft_config(self):
+        """The runs' `peft.LoraConfig` (with `lora_r`), else None."""
+        if not self.lora_r:
+            return None
+        from peft import LoraConfig
+
+        targets = self.lora_target_modules
+        targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
+
     def arm_fields(self, arm: str) -> dict:
         """The forking_trl fields that define `arm` (forking_mode, forking_ratio and entropy_method always)."""
         return {**ARM_BASE, **ARMS.get(arm, {}), **(self.arm_configs or {}).get(arm, {})}
+
+
+_DEFAULTS = {f.name: f.default for f in AblationArguments.__dataclass_fields__.values()}
+
+
+def _zero_stage(accelerate_config: str | None) -> int | None:
+    """The DeepSpeed ZeRO stage an accelerate config file asks for (None: none)."""
+    if accelerate_config is None:
+        return None
+    import yaml
+
+    config = yaml.safe_load(Path(accelerate_config).read_text()) or {}
+    stage = (config.get("deepspeed_config") or {}).get("zero_stage")
+    return int(stage) if stage is not None else None
 
 
 # --quick: GRPO flags appended to the command line (flags override the YAML)

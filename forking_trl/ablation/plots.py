@@ -114,9 +114,11 @@ def _rolling(values: list[float], window: int = 10) -> list[float]:
 
 
 def plot_entropy_training(report: dict, path: Path) -> None:
-    """Entropy over training per arm (mean over seeds, band: min to max): mean, p80, and share below 0.01 nats."""
+    """Training reward and entropy per arm (mean over seeds, band: min to max): the reward, the mean and p80 entropy,
+    and the share of tokens below 0.01 nats (and the covariance, when runs log it)."""
     plt = _pyplot()
     panels = [
+        ("reward", "training reward (mean of the batch)"),
         ("entropy", "mean entropy (nats)"),
         ("entropy/p80", "p80 entropy (nats)"),
         ("entropy/share_below_0.01", "share of tokens < 0.01 nats"),
@@ -141,7 +143,7 @@ def plot_entropy_training(report: dict, path: Path) -> None:
             ax.set(xlabel="optimizer step", ylabel=label)
     axes[0].legend()
     fig.suptitle(
-        "Entropy of all completion tokens during training (rolling mean of 10 steps; line: mean over seeds; "
+        "Training reward, and entropy of all completion tokens (rolling mean of 10 steps; line: mean over seeds; "
         "band: min to max)"
     )
     fig.tight_layout()

@@ -68,6 +68,12 @@ class Measure:
         return _stat(stat, self.percent, self.digits)
 
 
+def _median_step_time(history: list[dict]) -> float | None:
+    """Median of TRL's `step_time` over a run's steps, the first (warm-up) left out when there are others."""
+    times = [h["step_time"] for h in history if "step_time" in h]
+    return statistics.median(times[1:] or times) if times else None
+
+
 def _answers(key: str) -> Callable[[dict], float | None]:
     return lambda r: r.get("answers", {}).get(key)
 
@@ -108,6 +114,14 @@ MEASURES = (
         _answers("answer_entropy"),
         verdict="answer entropy",
         percent=False,
+        optional=True,
+    ),
+    Measure(
+        "step_seconds",
+        "s / step",
+        lambda r: _median_step_time(r.get("history", [])),
+        percent=False,
+        digits=1,
         optional=True,
     ),
     Measure(

@@ -91,6 +91,19 @@ def write_result(spec: dict, result: dict) -> dict:
     return result
 
 
+def save_final(trainer, final: Path) -> None:
+    """The trained model as a plain checkpoint in `final` (what `measure` loads): on the main process (ZeRO-3:
+    gathered); a LoRA adapter merged into its base model first."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not hasattr(model, "merge_and_unload"):
+        trainer.save_model(str(final))
+        return
+    if trainer.accelerator.is_main_process:  # LoRA (never under ZeRO-3: AblationArguments refuses it)
+        model.merge_and_unload().save_pretrained(str(final))
+        trainer.processing_class.save_pretrained(str(final))
+    trainer.accelerator.wait_for_everyone()
+
+
 def run_arm(spec: dict) -> dict | None:
     """Train one (arm, seed) from the start model and measure it (`spec` from `run_spec`); under a launch of
     several processes every process trains, the main one measures and returns the result, the others None."""
@@ -120,10 +133,11 @@ def run_arm(spec: dict) -> dict | None:
         train_dataset=Dataset.from_list(task.training_rows(train)),
         processing_class=AutoTokenizer.from_pretrained(spec["start_model"]),
         callbacks=[Record()],
+        peft_config=ab.peft_config(),
     )
     trainer.train()
     final = Path(spec["output_dir"]) / "final"
-    trainer.save_model(str(final))  # on the main process (ZeRO-3: gathered)
+    save_final(trainer, final)
     train_seconds = time.time() - started
     generated = trainer.generated_tokens_total()  # every process's
     main = trainer.accelerator.is_main_process
