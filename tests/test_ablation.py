@@ -468,6 +468,7 @@ def test_jobs_run_two_at_once_resume_and_isolate_a_failed_run(tmp_path, monkeypa
 
     again, seen = run(configs)  # the same command: the finished runs are not trained again
     assert "resume: 2 of 3 runs already have a result" in seen.out
+    assert "its measurement in" in seen.out and again["start"] == report["start"]  # nor the start model measured
     assert again["arms"]["top"]["runs"][0]["train_started"] == runs["top"]["train_started"]
 
     changed, seen = run({**configs, "top": {"forking_mode": "top", "forking_ratio": 0.5}})  # top changed
@@ -658,6 +659,35 @@ def test_a_lora_run_is_measured_on_its_merged_model(tmp_path, monkeypatch):
     moved = [k for k in start if not torch.equal(trained[k], start[k])]
     assert moved and all(k.endswith("proj.weight") for k in moved)  # the adapted linear layers only
     assert "accuracy" in report["arms"]["top"]["runs"][0]
+
+
+def test_the_start_measurement_is_reused_only_for_the_same_model_rows_and_settings(tmp_path, monkeypatch):
+    """A resumed experiment measured its start model again every time: minutes for a real model on CPU."""
+    import forking_trl.ablation as ablation
+    from forking_trl.analysis import ScoredCompletion
+
+    calls = []
+
+    def fake_measure(model_path, ab, held):
+        calls.append(model_path)
+        scored = [ScoredCompletion(prompt="p", token_ids=[1, 2], tokens=["a", "b"], entropies=[0.5, 0.0])]
+        return {"accuracy": {"greedy": 0.5}, "entropy": {}}, SimpleNamespace(samples=[["p", [1, 2]]]), scored
+
+    monkeypatch.setattr(ablation, "measure", fake_measure)
+    ab, held = AblationArguments(), [{"prompt": "x", "solution": "1"}]
+    first = ablation._measured_start(ab, tmp_path, held, "m", "c1")
+    assert ablation._measured_start(ab, tmp_path, held, "m", "c1") == first and len(calls) == 1
+    assert first[2][0].entropies == [0.5, 0.0]  # the scored completions come back as they were
+    for changed in (
+        (ab, held, "c2"),  # another model
+        (ab, [{"prompt": "y", "solution": "1"}], "c1"),  # other held-out rows
+        (AblationArguments(eval_k=2), held, "c1"),  # another measurement setting
+    ):
+        ablation._measured_start(changed[0], tmp_path, changed[1], "m", changed[2])
+    assert len(calls) == 4
+    (tmp_path / "start.json").write_text('{"key": ')  # unreadable: measured again, not an error
+    ablation._measured_start(AblationArguments(eval_k=2), tmp_path, held, "m", "c1")
+    assert len(calls) == 5
 
 
 def test_a_result_is_reused_only_for_the_same_specification(tmp_path):

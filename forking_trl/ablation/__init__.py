@@ -140,6 +140,41 @@ def _environment(values: dict[str, str]):
                 os.environ[k] = v
 
 
+# what the start model's measurement depends on, beside the model (its checksum) and the held-out rows
+MEASURE_FIELDS = ("eval_k", "eval_max_new_tokens", "eval_batch_size", "pass_k", "pass_k_problems", "threads_per_run")
+
+
+def _measured_start(ab, out: Path, held: list[dict], model_path: str, checksum: str):
+    """(measurement, samples, scored) of the start model: from `out/start.json` when it was written for the same
+    model, held-out rows and measurement settings (a resumed experiment does not measure it again: minutes for a
+    real model on CPU), else measured now and written there (the runs read its samples for the overlap)."""
+    from ..analysis import ScoredCompletion
+    from ..tiny import torch_threads
+
+    key = {"checksum": checksum, "held": _digest(held), **{f: getattr(ab, f) for f in MEASURE_FIELDS}}
+    path = out / "start.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(path.read_text())
+        if saved["key"] == key:
+            print(f"start model: {model_path}; its measurement in {path} is reused (same model and settings)")
+            return saved["measurement"], saved["samples"], [ScoredCompletion(**s) for s in saved["scored"]]
+    print(f"start model: {model_path}; measuring it on {len(held)} held-out problems", flush=True)
+    with torch_threads(ab.threads_per_run):  # as each run measures itself: the same numbers on any core count
+        start, ev, scored = measure(model_path, ab, held)
+    record = {"key": key, "measurement": start, "samples": ev.samples}
+    record["scored"] = [dataclasses.asdict(s) for s in scored]
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(record, ensure_ascii=False))
+    partial.replace(path)  # whole or absent: a run never reads half a file
+    return start, ev.samples, scored
+
+
+def _digest(value) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def run_ablation(argv: list[str]) -> dict:
     """Run every stage of the experiment given by a command line (`--config recipe.yaml`, flags, `--output_dir`):
     validate every arm, build (or reuse) the start model and measure it, run the arms x seeds as jobs (resuming
@@ -147,7 +182,6 @@ def run_ablation(argv: list[str]) -> dict:
     from tqdm.auto import tqdm
 
     from ..analysis import plot_histogram, write_html
-    from ..tiny import torch_threads
     from .report import _arm_summary, _exploration_text, _start_line, _top_threshold
 
     started = time.time()
@@ -158,15 +192,10 @@ def run_ablation(argv: list[str]) -> dict:
     train, held = task_data(ab)
     model_path = start_model(ab, out, train)
     checksum = model_checksum(model_path)
-    print(f"start model: {model_path}; measuring it on {len(held)} held-out problems", flush=True)
-    with torch_threads(ab.threads_per_run):  # as each run measures itself: the same numbers on any core count
-        start, ev, scored = measure(model_path, ab, held)
+    start, _, scored = _measured_start(ab, out, held, model_path, checksum)
     summary = {**start["entropy"], "top_ratio": 0.2}
     plot_histogram(scored, {**summary, "top_threshold": _top_threshold(scored)}, out / "start_entropy_histogram.png")
     write_html(scored, {**summary, "top_threshold": _top_threshold(scored)}, out / "start_tokens.html", 12)
-    (out / "start.json").write_text(
-        json.dumps({"samples": ev.samples, "scored": [dataclasses.asdict(s) for s in scored]}, ensure_ascii=False)
-    )
     print(_start_line(start), flush=True)
 
     runs = [(arm, seed) for seed in ab.seeds for arm in ab.arms]  # seed-major: early results cover every arm
