@@ -185,10 +185,13 @@ def test_explore_recipe_quick_runs_every_arm_with_coverage_and_a_recipe_arm(tmp_
     # the built-in clip_cov arm redefined so that Clip-Cov acts within 3 steps (set for every arm, the other arms
     # would refuse these fields: they would be ignored there)
     clip_cov = {"entropy_method": "clip_cov", "clip_cov_ratio": 0.05, "clip_cov_lb": -1000}
+    # the runs one after another in the runner's process (--launcher debug): nine local jobs spent most of this test
+    # importing torch and TRL again; the local launcher has its own tests (two at once, resume, failures, signals)
     report, stdout = run_quick(
         "explore_countdown_cpu.yaml",
         tmp_path,
         *("--arms", *arms, "--arm_configs", json.dumps({**arm_configs, "top_adv": top_adv, "clip_cov": clip_cov})),
+        *("--launcher", "debug"),
     )
     assert list(report["arms"]) == arms and report["ablation"]["task"] == "countdown"
     assert report["arm_fields"]["top_adv"] == top_adv
