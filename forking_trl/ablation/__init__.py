@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -51,7 +50,17 @@ from .arguments import (
     start_settings,
     unset_fields,
 )
-from .jobs import LAUNCHERS, cached_result, gpu_slots, job_environment, least_busy, make_executor, run_jobs, spec_key
+from .jobs import (
+    LAUNCHERS,
+    cached_result,
+    environment,
+    gpu_slots,
+    job_environment,
+    least_busy,
+    make_executor,
+    run_jobs,
+    spec_key,
+)
 from .plots import plot_accuracy, plot_curve, plot_entropy_training, plot_exploration
 from .report import CURVES, MEASURES, Curve, Measure, results_markdown, verdicts
 from .runs import run_arm, run_job, run_spec, write_result
@@ -123,21 +132,6 @@ def write_results(report: dict, out: Path) -> None:
             plot_curve(report, curve, out / f"{curve.key}.png")
     if "pass_at_k" in report["start"]:
         plot_exploration(report, out / "exploration.png")
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    """`os.environ` with `values` inside the block (the jobs inherit it), restored after."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # what the start model's measurement depends on, beside the model (its checksum) and the held-out rows
@@ -221,7 +215,7 @@ def run_ablation(argv: list[str]) -> dict:
             f"{_exploration_text(result)}  ({result['train_seconds']:.0f} s){left}"
         )
 
-    with _environment(job_environment(ab.threads_per_run)):
+    with environment(job_environment(ab.threads_per_run)):
         outcomes = run_jobs(specs, ab, out, run_job, report_line)
     bar.update(sum(o.cached for o in outcomes))  # the runs resumed from an earlier command
     bar.close()

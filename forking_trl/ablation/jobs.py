@@ -164,7 +164,8 @@ def run_jobs(specs: list[dict], ab, out: Path, job_fn, report) -> list[Finished]
         report(outcomes[i], len(durations), len(todo), eta())
 
     try:
-        with _terminate_as_interrupt(), _runner_named(ab.launcher == "local"):
+        runner = {RUNNER_ENV: runner_identity()} if ab.launcher == "local" else {}  # local jobs end with this command
+        with _terminate_as_interrupt(), environment(runner):
             if ab.launcher == "slurm":
                 jobs = submit_slurm(executor, job_fn, [specs[i] for i in todo])
                 for i, job in zip(todo, jobs, strict=True):
@@ -257,20 +258,18 @@ def end_with_runner(poll_s: float = 1.0) -> bool:
 
 
 @contextlib.contextmanager
-def _runner_named(local: bool):
-    """Inside the block the jobs submitted (local ones: they inherit the environment) know this process."""
-    if not local:
-        yield
-        return
-    before = os.environ.get(RUNNER_ENV)
-    os.environ[RUNNER_ENV] = runner_identity()
+def environment(values: dict[str, str]):
+    """`os.environ` with `values` inside the block (the jobs submitted there inherit it), restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(RUNNER_ENV, None)
-        else:
-            os.environ[RUNNER_ENV] = before
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager
