@@ -14,6 +14,7 @@ provenance in its README), or a Hugging Face Hub dataset id (needs network).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .rewards import last_boxed
@@ -48,6 +49,36 @@ def with_instruction(problem: str, instruction: str | None = DEFAULT_INSTRUCTION
 def gsm8k_gold(answer: str) -> str:
     """GSM8K's gold: the text after `####`, without thousands separators."""
     return answer.split("####")[-1].strip().replace(",", "")
+
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_worked(answer: str) -> str:
+    """GSM8K's worked solution as a completion in this project's answer format: the calculator annotations removed
+    (`48/2 = <<48/2=24>>24` -> `48/2 = 24`), the final `#### 72` written `The answer is \\boxed{72}.`"""
+    work, _, gold = answer.rpartition("####")
+    work = _CALCULATOR.sub("", work).strip()
+    return f"{work}\nThe answer is \\boxed{{{gsm8k_gold(gold)}}}."
+
+
+def worked_example(example: dict, index: int | None = None, instruction: str | None = DEFAULT_INSTRUCTION) -> dict:
+    """One row with a worked solution to TRL's conversational prompt-completion form (supervised fine-tuning):
+    `{"prompt": [user], "completion": [assistant], "solution": gold}`. GSM8K (`question` + `answer`: its worked
+    `gsm8k_worked`) and MATH (`problem` + a worked `solution` ending in a box); any other schema has no worked
+    solution and is a `ValueError` naming the columns."""
+    where = f"row {index}" if index is not None else "a row"
+    if "question" in example and "answer" in example and "####" in str(example["answer"]):  # GSM8K
+        worked = gsm8k_worked(_required(example["answer"], where, "answer"))
+    elif "problem" in example and last_boxed(str(example.get("solution") or "")):  # MATH with worked solutions
+        worked = _required(example["solution"], where, "solution")
+    else:
+        raise ValueError(
+            f"{where}: no worked solution in columns {sorted(example)}; supervised fine-tuning needs question+answer "
+            "with '#### gold' (GSM8K) or problem+solution with a \\boxed{} answer (MATH)."
+        )
+    row = normalize_example(example, index, instruction)
+    return {**row, "completion": [{"role": "assistant", "content": worked}]}
 
 
 def normalize_example(example: dict, index: int | None = None, instruction: str | None = DEFAULT_INSTRUCTION) -> dict:
@@ -113,8 +144,10 @@ def load_math_dataset(
     instruction: str | None = DEFAULT_INSTRUCTION,
     limit: int | None = None,
     seed: int = 0,
+    worked: bool = False,
 ):
-    """Load a math dataset from a file, a bundled name, or the Hub, normalised to `prompt` + `solution`."""
+    """Load a math dataset from a file, a bundled name, or the Hub, normalised to `prompt` + `solution`; `worked`:
+    with its worked solutions as an assistant `completion` too (`worked_example`, for supervised fine-tuning)."""
     from datasets import load_dataset
 
     path = Path(source)
@@ -129,7 +162,7 @@ def load_math_dataset(
     if limit is not None and limit < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(limit))
     return dataset.map(
-        normalize_example,
+        worked_example if worked else normalize_example,
         with_indices=True,
         fn_kwargs={"instruction": instruction},
         remove_columns=dataset.column_names,

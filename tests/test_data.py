@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from forking_trl.data import DEFAULT_INSTRUCTION, load_math_dataset, normalize_example
+from forking_trl.data import DEFAULT_INSTRUCTION, gsm8k_worked, load_math_dataset, normalize_example, worked_example
 
 
 def test_dapo_schema():
@@ -72,3 +72,43 @@ def test_load_names_the_bad_row(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(ValueError, match="row 1: field 'answer' or 'solution'"):
         load_math_dataset(str(path))
+
+
+def test_gsm8k_worked_solution_drops_calculator_annotations_and_boxes_the_gold():
+    answer = "She sold 48/2 = <<48/2=24>>24 clips in May.\nIn all 48+24 = <<48+24=72>>72.\n#### 1,072"
+    assert gsm8k_worked(answer) == "She sold 48/2 = 24 clips in May.\nIn all 48+24 = 72.\nThe answer is \\boxed{1072}."
+
+
+def test_worked_example_is_a_prompt_completion_row_with_the_prompt_of_normalize_example():
+    gsm = {"question": "How many clips?", "answer": "48+24 = <<48+24=72>>72\n#### 72"}
+    row = worked_example(gsm, 3)
+    assert row["prompt"] == normalize_example(gsm, 3)["prompt"] and row["solution"] == "72"
+    assert row["completion"] == [{"role": "assistant", "content": "48+24 = 72\nThe answer is \\boxed{72}."}]
+    math = {"problem": "Find $x$.", "solution": "Halve it: $x = \\boxed{\\frac{1}{2}}$."}
+    row = worked_example(math)
+    assert row["completion"][0]["content"] == math["solution"] and row["solution"] == "\\frac{1}{2}"
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"problem": "Find x.", "answer": "3"},  # AIME: a gold answer, no worked solution
+        {"problem": "Find x.", "solution": "x is three"},  # a solution without a boxed answer
+        {"question": "How many?", "answer": "3"},  # GSM8K-like without '#### gold'
+        {"text": "hi"},
+    ],
+)
+def test_worked_example_without_a_worked_solution_names_the_row_and_columns(row):
+    with pytest.raises(ValueError, match=r"row 5: no worked solution in columns \[.*'(problem|question|text)'"):
+        worked_example(row, 5)
+
+
+def test_load_worked_gives_prompt_completion_solution(tmp_path):
+    path = tmp_path / "gsm.jsonl"
+    path.write_text(
+        "\n".join(json.dumps({"question": f"q{i}", "answer": f"{i}+0 = <<{i}+0={i}>>{i}\n#### {i}"}) for i in range(4))
+    )
+    data = load_math_dataset(str(path), worked=True)
+    assert set(data.column_names) == {"prompt", "completion", "solution"}
+    assert data[2]["completion"][0]["content"] == "2+0 = 2\nThe answer is \\boxed{2}." and data[2]["solution"] == "2"
+    assert len(load_math_dataset("gsm8k_train", worked=True, limit=3)) == 3

@@ -22,7 +22,9 @@ def run(args, cwd):
 @pytest.mark.parametrize(
     "recipe",
     sorted(  # the script's recipes; the experiment runner's (they name arms) are parsed in test_ablation.py
-        p.name for p in (ROOT / "examples" / "recipes").glob("*.yaml") if "arms" not in yaml.safe_load(p.read_text())
+        p.name
+        for p in (ROOT / "examples" / "recipes").glob("*.yaml")
+        if "arms" not in yaml.safe_load(p.read_text()) and "_sft_" not in p.name
     ),
 )
 def test_recipes_parse_with_the_script_parser(recipe):
@@ -52,6 +54,62 @@ def test_recipes_parse_with_the_script_parser(recipe):
 
         assert training_args.dynamic_sampling and training_args.dynamic_sampling_max_rounds == 10
         assert training_args.dynamic_sampling_reward == get_reward_funcs(["accuracy"])[0].__name__
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "examples" / "recipes").glob("*_sft_*.yaml")))
+def test_sft_recipes_parse_with_the_sft_parser(recipe):
+    from sft import make_parser
+
+    script_args, training_args, model_args = make_parser().parse_args_and_config(
+        ["--config", str(ROOT / "examples" / "recipes" / recipe)]
+    )
+    assert script_args.dataset_name and script_args.max_train_samples and model_args.model_name_or_path
+    # loss on the worked solution only, never on the problem (TRL's prompt-completion default)
+    assert training_args.completion_only_loss in (None, True) and training_args.max_steps > 0
+
+
+def _gsm8k_rows(path, n):
+    rows = [
+        {"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}"}
+        for i in range(n)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora-merged"])
+def test_sft_script_trains_on_worked_solutions_and_saves_a_plain_checkpoint(tiny_model, tmp_path, peft):
+    import torch
+    from sft import main, make_parser
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "sft"
+    args = ["--model_name_or_path", tiny_model, "--dataset_name", _gsm8k_rows(tmp_path / "gsm.jsonl", 6)]
+    args += ["--max_train_samples", "4", "--per_device_train_batch_size", "2", "--max_steps", "2"]
+    args += ["--learning_rate", "1e-2", "--max_length", "96", "--output_dir", str(out), "--report_to", "none"]
+    args += ["--save_strategy", "no", "--use_cpu", "true", "--bf16", "false", "--dtype", "float32"]
+    if peft:
+        args += ["--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--lora_target_modules", "all-linear"]
+    main(*make_parser().parse_args_and_config(args))
+
+    # a plain checkpoint every tool reads (the LoRA adapter merged, no adapter files), with changed weights
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    start = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert trained.keys() == start.keys()
+    changed = [k for k in start if not torch.equal(start[k], trained[k])]
+    assert changed and all(torch.isfinite(trained[k]).all() for k in changed)
+    if peft:  # LoRA on the linear layers only: embeddings and norms untouched
+        assert all("proj" in k for k in changed)
+
+
+def test_sft_script_refuses_a_model_without_a_chat_template(tiny_base_model, tmp_path):
+    from sft import main, make_parser
+
+    args = ["--model_name_or_path", tiny_base_model, "--dataset_name", _gsm8k_rows(tmp_path / "gsm.jsonl", 2)]
+    args += ["--output_dir", str(tmp_path / "sft"), "--use_cpu", "true", "--bf16", "false", "--report_to", "none"]
+    with pytest.raises(ValueError, match="no chat template"):
+        main(*make_parser().parse_args_and_config(args))
 
 
 def test_flags_override_yaml():
