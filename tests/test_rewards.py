@@ -227,17 +227,19 @@ def test_numpy_nan_gold_is_skipped_like_a_python_nan():
 )
 def test_answer_extraction_grows_linearly_on_adversarial_inputs(make):
     """The extraction runs in the training process before any worker deadline: every path must be linear. Checked
-    by growth: 4x the input must cost well under 16x (quadratic) the time; each figure the best of 3 (no wall time)."""
+    by growth: 8x the input must cost well under 64x (quadratic) the time. Each figure is the best of 5 in this
+    process's CPU time, not wall time: on a busy machine a descheduled moment is not counted (wall time gave 12x for
+    4x the input there, 2026-12-07)."""
 
     def cost(n: int) -> float:
         text = make(n)
         best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
+        for _ in range(5):
+            start = time.process_time()
             for _ in range(10):
                 extract_answer(text)
-            best = min(best, time.perf_counter() - start)
+            best = min(best, time.process_time() - start)
         return best
 
-    small, large = cost(2000), cost(8000)
-    assert large / small < 9, f"4x the input took {large / small:.1f}x the time ({small:.4f} s -> {large:.4f} s)"
+    small, large = cost(2000), cost(16000)
+    assert large / small < 24, f"8x the input took {large / small:.1f}x the time ({small:.4f} s -> {large:.4f} s)"
