@@ -24,7 +24,9 @@ each part, ok or failed (with the end of its log), with its figures, the GPU, an
 
 `--smoke` runs the same parts at tiny shape on CPU (ZeRO-3 with DS_ACCELERATOR=cpu, `--cpu` for the LoRA launch),
 fewer steps, and the bench_step variants behind its other tables (dynamic sampling, branching): the path is tested
-where no GPU is. Without a GPU and without `--smoke` it says so and exits 0.
+where no GPU is. `--smoke --jobs 2` runs two parts at a time, the longest first, each with half the cores (the suite
+does: its timings are then not measurements, and on a GPU the parts never share it). Without a GPU and without
+`--smoke` it says so and exits 0.
 A part's processes end with it (on its time limit too) and with this command.
 """
 
@@ -47,6 +49,9 @@ PARTS = ("bench_step", "bench_entropy", "zero3", "lora")
 # seconds each part may take: the four within about 8 minutes on one GPU, the model's build (about 30 s) aside
 LIMITS_S = {"bench_step": 200, "bench_entropy": 60, "zero3": 120, "lora": 90}
 SMOKE_LIMITS_S = {"bench_step": 300, "bench_entropy": 120, "zero3": 300, "lora": 300}
+# with --smoke --jobs N: the order the parts start in, the longest first (on 2 CPU cores: zero3 about 40 s, bench_step
+# 25 s, bench_entropy and lora about 10 s each); the summary keeps the order of --only
+SMOKE_START = ("zero3", "bench_step", "lora", "bench_entropy")
 
 
 def spread_reward(completions, **kwargs) -> list[float]:
@@ -102,31 +107,37 @@ def part_commands(part: str, model: str, out: Path, smoke: bool) -> tuple[list[s
     raise ValueError(f"part must be one of {', '.join(PARTS)}; got {part!r}.")
 
 
-def run_part(part: str, model: str, out: Path, smoke: bool, limit_s: float) -> dict:
-    """Run one part in its own process tree, time-boxed; its log in `out/<part>.log`."""
-    from forking_trl.ablation.processes import die_with_parent, end_tree
+def start_part(part: str, model: str, out: Path, smoke: bool, threads: int | None = None) -> dict:
+    """Start one part in its own process tree, its log in `out/<part>.log`; `threads`: its torch threads
+    (OMP_NUM_THREADS), where parts share the cores. Started from this thread alone (`preexec_fn` is unsafe in a
+    threaded parent)."""
+    from forking_trl.ablation.processes import die_with_parent
 
     command, extra = part_commands(part, model, out, smoke)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("HF_HUB_OFFLINE", "1")
-    log = out / f"{part}.log"
-    started = time.perf_counter()
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(command) + "\n\n")
-        f.flush()
-        process = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
-        try:
-            code = process.wait(timeout=limit_s)
-            status = "ok" if code == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            end_tree(process.pid)
-            process.wait()
-            code, status = None, "failed"
-        except BaseException:  # Ctrl-C: the part's processes go with this one
-            end_tree(process.pid)
-            raise
-    seconds = time.perf_counter() - started
-    text = log.read_text(errors="replace")
+    log = open(out / f"{part}.log", "w")  # noqa: SIM115 - closed in finish_part
+    log.write("$ " + " ".join(command) + "\n\n")
+    log.flush()
+    # prctl only, and this process starts no threads
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)  # noqa: PLW1509
+    return {"part": part, "process": process, "log": log, "started": time.perf_counter()}
+
+
+def finish_part(running: dict, out: Path, limit_s: float, code: int | None) -> dict:
+    """The result of a part that ended with `code`, or, with None, reached its time limit (its tree is ended)."""
+    from forking_trl.ablation.processes import end_tree
+
+    part, process = running["part"], running["process"]
+    if code is None:
+        end_tree(process.pid)
+        process.wait()
+    running["log"].close()
+    seconds = time.perf_counter() - running["started"]
+    text = (out / f"{part}.log").read_text(errors="replace")
+    status = "ok" if code == 0 else "failed"
     result = {"part": part, "status": status, "seconds": round(seconds, 1), "exit_code": code, "limit_s": limit_s}
     if code is None:
         result["reason"] = f"time limit of {limit_s:.0f} s reached"
@@ -136,6 +147,38 @@ def run_part(part: str, model: str, out: Path, smoke: bool, limit_s: float) -> d
         result["log_tail"] = text[-2500:]
     result["figures"] = figures(part, out, text)
     return result
+
+
+def run_parts(parts, model: str, out: Path, smoke: bool, limits: dict, jobs: int = 1, on_result=None) -> dict:
+    """Run the parts, `jobs` at a time (the rest wait their turn), each time-boxed; returns their results by part and
+    hands each to `on_result` as it ends. Ctrl-C ends every running part's processes with this one."""
+    from forking_trl.ablation.processes import end_tree
+
+    threads = None if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
+    waiting, running, results = list(parts), [], {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                part = waiting.pop(0)
+                print(f"gpu_check: {part} (at most {limits[part]} s; log: {out / (part + '.log')}) ...", flush=True)
+                running.append(start_part(part, model, out, smoke, threads))
+            for r in list(running):
+                code = r["process"].poll()
+                late = time.perf_counter() - r["started"] > limits[r["part"]]
+                if code is None and not late:
+                    continue
+                running.remove(r)
+                result = results[r["part"]] = finish_part(r, out, limits[r["part"]], code)
+                print(f"gpu_check: {r['part']} {result['status']} in {result['seconds']:.0f} s"
+                      f"{' (' + result['reason'] + ')' if 'reason' in result else ''}", flush=True)  # fmt: skip
+                if on_result is not None:
+                    on_result(results)
+            time.sleep(0.1)
+    except BaseException:  # Ctrl-C: the parts' processes go with this one
+        for r in running:
+            end_tree(r["process"].pid)
+        raise
+    return results
 
 
 def figures(part: str, out: Path, log: str) -> dict:
@@ -236,11 +279,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--model-shape", default=None, help="qwen3-0.6b (default on GPU), qwen3-1.7b; tiny with --smoke"
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="with --smoke: parts run at a time (each with its share of the cores)"
+    )
     args = parser.parse_args(argv)
     parts = args.only.split(",")
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    if args.jobs < 1 or (args.jobs > 1 and not args.smoke):
+        parser.error(
+            f"--jobs must be 1, or more with --smoke only (on a GPU the parts are timed alone); got {args.jobs}"
+        )
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
@@ -259,14 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     limits = SMOKE_LIMITS_S if args.smoke else LIMITS_S
     summary = {"smoke": args.smoke, "model_shape": shape, "model_seconds": model_seconds, "parts": []}
     summary["environment"] = environment()
-    for part in parts:
-        print(f"gpu_check: {part} (at most {limits[part]} s; log: {out / (part + '.log')}) ...", flush=True)
-        result = run_part(part, model, out, args.smoke, limits[part])
-        summary["parts"].append(result)
-        print(f"gpu_check: {part} {result['status']} in {result['seconds']:.0f} s"
-              f"{' (' + result['reason'] + ')' if 'reason' in result else ''}", flush=True)  # fmt: skip
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))  # after every part: a kill loses none
+    order = parts if args.jobs == 1 else sorted(parts, key=SMOKE_START.index)  # several at a time: longest first
+
+    def record(results: dict) -> None:  # after every part: a kill loses none
+        summary["parts"] = [results[p] for p in parts if p in results]
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
         (out / "summary.md").write_text(summary_markdown(summary))
+
+    run_parts(order, model, out, args.smoke, limits, args.jobs, on_result=record)
     print(f"\n{summary_markdown(summary)}\nwritten: {out / 'summary.md'}, {out / 'summary.json'}")
     return 0 if all(r["status"] == "ok" for r in summary["parts"]) else 1
 

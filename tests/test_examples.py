@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -216,7 +217,7 @@ def test_selection_benchmark_quick_mode():
 def test_gpu_check_smoke_runs_every_part_on_cpu(tmp_path):
     """`gpu_check.py --smoke`: the GPU check's path at tiny shape on CPU, every part in its own process (the
     entropy benchmark with TRL's entropy_from_logits among its methods, ZeRO-3 under DS_ACCELERATOR=cpu)."""
-    out = run(["benchmarks/gpu_check.py", "--smoke", "--output-dir", str(tmp_path)], ROOT)
+    out = run(["benchmarks/gpu_check.py", "--smoke", "--jobs", "2", "--output-dir", str(tmp_path)], ROOT)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [p["part"] for p in summary["parts"]] == ["bench_step", "bench_entropy", "zero3", "lora"]
     assert all(p["status"] == "ok" for p in summary["parts"]), out
@@ -241,6 +242,44 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
         pytest.skip("a GPU is visible: the check would run")
     out = run(["benchmarks/gpu_check.py", "--output-dir", str(tmp_path)], ROOT)
     assert "no CUDA device is visible" in out and not (tmp_path / "summary.json").exists()
+
+
+def test_gpu_check_parts_share_the_cores_only_in_smoke_mode(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import main
+
+    with pytest.raises(SystemExit):  # on a GPU the parts are timed alone
+        main(["--jobs", "2"])
+    assert "--jobs must be 1, or more with --smoke only" in capsys.readouterr().err
+
+
+def test_gpu_check_runs_parts_at_once_each_within_its_time_limit(tmp_path, monkeypatch):
+    """Two parts at a time: a part past its limit is ended (its child too) and said so; the others finish; a third
+    waits for a free slot; each gets its share of the cores."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+    scripts = {
+        "zero3": child + "print('pid', flush=True); time.sleep(60)",
+        "bench_step": "import os; print('threads', os.environ['OMP_NUM_THREADS'])",
+        "lora": "import sys; sys.exit(3)",
+    }
+    monkeypatch.setattr(gpu_check, "part_commands", lambda part, *a: ([sys.executable, "-c", scripts[part]], {}))
+    monkeypatch.setattr(gpu_check, "figures", lambda *a: {})
+    monkeypatch.setattr(gpu_check.os, "cpu_count", lambda: 4)
+    limits = {"zero3": 3.0, "bench_step": 30, "lora": 30}
+    seen = []
+    results = gpu_check.run_parts(["zero3", "bench_step", "lora"], "m", tmp_path, True, limits, 2, seen.append)
+    zero3, step, lora = (results[p] for p in ("zero3", "bench_step", "lora"))
+    assert zero3["status"] == "failed" and zero3["reason"] == "time limit of 3 s reached" and zero3["seconds"] < 10
+    assert step["status"] == "ok" and "threads 2" in (tmp_path / "bench_step.log").read_text()
+    assert lora["status"] == "failed" and lora["reason"] == "exit code 3"
+    assert len(seen) == 3  # told after each part
+    import psutil
+
+    time.sleep(0.5)
+    assert not [p for p in psutil.Process().children(recursive=True) if "time.sleep(60)" in " ".join(p.cmdline())]
 
 
 def test_evaluate_pass_at_k_counts_every_sample_drawn():
