@@ -1,5 +1,6 @@
 """Branching rollouts: the pure decisions on hand-built tensors (forks, trees), then the trainers (tests below)."""
 
+import json
 import math
 
 import pytest
@@ -631,39 +632,47 @@ def test_lora_with_branching_trains_only_adapter_weights(tiny_model, tmp_path):
 SCRIPT = __import__("pathlib").Path(__file__).resolve().parent / "scripts" / "train_branching.py"
 
 
+def records_of(folder):
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer_kind, advantage", [("plain", "group"), ("forking", "tree")])
-def test_two_processes_branch_their_own_groups(tiny_model, tmp_path, trainer_kind, advantage):
-    records = launch(
+def test_two_processes_branch_their_own_groups(tiny_model, tmp_path):
+    """Plain branching with group credit, then forking with tree credit, in one launch of 2 processes (gloo)."""
+    runs = [("plain", "group"), ("forking", "tree")]
+    launch(
         tmp_path,
         ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
         + ["--dynamo_backend", "no"],
-        ["--model", tiny_model, "--output_dir", str(tmp_path), "--trainer", trainer_kind, "--advantage", advantage],
+        ["--model", tiny_model, "--output_dir", str(tmp_path), "--runs", *(f"{k}:{a}" for k, a in runs)],
         {"ACCELERATE_USE_CPU": "true"},
         script=SCRIPT,
     )
-    assert len(records) == 2 and all(r["world_size"] == 2 and r["steps"] == 2 and r["changed"] for r in records)
-    for record in records:
-        assert record["rounds"]
-        for round_ in record["rounds"]:
-            completions, prefix = round_["completions"], round_["prefix"]
-            for g, parents in enumerate(round_["parents"]):
-                for i in range(M, G):
-                    row, root = g * G + i, g * G + parents[i]
-                    assert completions[row][: prefix[row]] == completions[root][: prefix[row]]
-    assert records[0]["metrics"] == records[1]["metrics"]  # reduced over both processes: the same numbers
-    assert records[0]["rounds"][0]["completions"] != records[1]["rounds"][0]["completions"]
+    for kind, advantage in runs:
+        records = records_of(tmp_path / f"{kind}-{advantage}")
+        assert len(records) == 2 and all(r["world_size"] == 2 and r["steps"] == 2 and r["changed"] for r in records)
+        for record in records:
+            assert record["rounds"]
+            for round_ in record["rounds"]:
+                completions, prefix = round_["completions"], round_["prefix"]
+                for g, parents in enumerate(round_["parents"]):
+                    for i in range(M, G):
+                        row, root = g * G + i, g * G + parents[i]
+                        assert completions[row][: prefix[row]] == completions[root][: prefix[row]]
+        assert records[0]["metrics"] == records[1]["metrics"]  # reduced over both processes: the same numbers
+        assert records[0]["rounds"][0]["completions"] != records[1]["rounds"][0]["completions"]
 
 
 @pytest.mark.slow
 def test_deepspeed_zero3_with_branching_on_cpu(tiny_model, tmp_path):
     pytest.importorskip("deepspeed")
     config = __import__("pathlib").Path(__file__).resolve().parents[1] / "accelerate_configs" / "zero3.yaml"
-    records = launch(
+    launch(
         tmp_path,
         ["--config_file", str(config), "--num_processes", "1", "--mixed_precision", "no"],
-        ["--model", tiny_model, "--output_dir", str(tmp_path), "--trainer", "forking", "--max_steps", "1"],
+        ["--model", tiny_model, "--output_dir", str(tmp_path), "--runs", "forking:group", "--max_steps", "1"],
         {"DS_ACCELERATOR": "cpu"},
         script=SCRIPT,
     )
+    records = records_of(tmp_path / "forking-group")
     assert records and records[0]["deepspeed"] and records[0]["steps"] == 1 and records[0]["rounds"]

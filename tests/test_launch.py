@@ -1,4 +1,5 @@
-"""Real multi-process runs under `accelerate launch`: DDP over gloo with 2 processes, and DeepSpeed ZeRO-3 on CPU."""
+"""Real multi-process runs under `accelerate launch`: DDP over gloo with 2 processes (DeepSpeed ZeRO-3 on CPU: in
+test_branching.py and the GPU check's smoke test)."""
 
 import json
 import os
@@ -48,25 +49,18 @@ def test_grpo_math_on_two_processes_releases_the_process_group(tiny_model, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scope", ["micro_batch", "batch"])
-def test_two_processes_share_tau_with_an_all_padding_rank(tiny_model, tmp_path, scope):
-    records = launch(
+def test_two_processes_share_tau_with_an_all_padding_rank(tiny_model, tmp_path):
+    """Both forking scopes in turn, in one launch of 2 CPU processes (torchrun-style: gloo)."""
+    launch(
         tmp_path,
-        [
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-        ],
-        ["--model", tiny_model, "--output_dir", str(tmp_path), "--empty_rank", "1", "--scope", scope],
-        {"ACCELERATE_USE_CPU": "true"},  # torchrun-style launch of 2 CPU processes: gloo
+        ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+        + ["--dynamo_backend", "no"],
+        ["--model", tiny_model, "--output_dir", str(tmp_path), "--empty_rank", "1", "--scope", "micro_batch", "batch"],
+        {"ACCELERATE_USE_CPU": "true"},
     )
-    assert len(records) == 2 and all(r["world_size"] == 2 for r in records)
-    assert records[0]["thresholds"] and records[0]["thresholds"] == records[1]["thresholds"]
-    # rank 1 contributed no valid tokens, so the global kept fraction is rank 0's, close to 0.2
-    assert all(abs(k - 0.2) < 0.12 for k in records[0]["kept_fraction"])
+    for scope in ("micro_batch", "batch"):
+        records = [json.loads(p.read_text()) for p in sorted((tmp_path / scope).glob("rank*.json"))]
+        assert len(records) == 2 and all(r["world_size"] == 2 for r in records), scope
+        assert records[0]["thresholds"] and records[0]["thresholds"] == records[1]["thresholds"]
+        # rank 1 contributed no valid tokens, so the global kept fraction is rank 0's, close to 0.2
+        assert all(abs(k - 0.2) < 0.12 for k in records[0]["kept_fraction"]), scope
