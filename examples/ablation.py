@@ -12,6 +12,9 @@
     python examples/ablation.py --config examples/recipes/ablation_cpu.yaml --output_dir out \
         --seeds 0 1 2 --arms all top
 
+    # one report from several commands of the same experiment (another day's seeds, an added arm)
+    python examples/ablation.py merge --output_dir outputs/real_all outputs/real/results.json more/results.json
+
     # the same runner on a real model (GPU; GSM8K training split, MATH-500 held out)
     python examples/ablation.py --config examples/recipes/ablation_qwen3_0.6b.yaml --output_dir outputs/ablation-0.6b
 
@@ -28,15 +31,30 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from forking_trl.ablation import RunsFailed, run_ablation  # noqa: E402
+from forking_trl.ablation import RunsFailed, merge_results, run_ablation  # noqa: E402
+
+
+def merge(argv: list[str]) -> dict:
+    """`merge --output_dir OUT A/results.json B/results.json ...`: one report from several commands' results."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="ablation.py merge", description=merge.__doc__)
+    parser.add_argument("--output_dir", required=True, help="where the merged results go")
+    parser.add_argument("results", nargs="+", help="results.json of each command, the first's start model shown")
+    args = parser.parse_args(argv)
+    try:
+        return merge_results(args.results, args.output_dir)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     ########################
-    # every stage: start model, arms x seeds, measurements, results files
+    # every stage: start model, arms x seeds, measurements, results files; or merge earlier commands' results
     ########################
     try:
-        report = run_ablation(sys.argv[1:] if argv is None else argv)
+        report = merge(argv[1:]) if argv[:1] == ["merge"] else run_ablation(argv)
     except RunsFailed as failure:  # the finished runs' results are written; say which failed, exit non-zero
         sys.exit(f"ablation: {failure}")
     out = report["output_dir"]

@@ -710,3 +710,66 @@ def test_a_result_is_reused_only_for_the_same_specification(tmp_path):
     )
     for change in changes:
         assert jobs.cached_result({**spec, **change}) is None, change
+
+
+def _one_seed_of(report: dict, seed: int) -> dict:
+    arms = {arm: {**a, "runs": [r for r in a["runs"] if r["seed"] == seed]} for arm, a in report["arms"].items()}
+    return {**report, "arms": arms, "ablation": {**report["ablation"], "seeds": [seed], "parallel": 1 + seed}}
+
+
+def test_merged_reports_of_one_experiment_equal_the_report_of_one_command(tmp_path):
+    """The real model's two-seed report (docs/real/rlvr), split into one report per seed and merged again: every
+    arm's summary comes back equal, and results.md names the commands."""
+    from forking_trl.ablation import merge_reports, merge_results
+
+    whole = json.loads((ROOT / "docs/real/rlvr/results.json").read_text())
+    parts = [_one_seed_of(whole, 0), {**_one_seed_of(whole, 1), "start_checksum": "converted-again"}]
+    merged = merge_reports(parts, "merged")
+    assert json.dumps(merged["arms"], sort_keys=True) == json.dumps(whole["arms"], sort_keys=True)
+    assert merged["ablation"]["seeds"] == [0, 1] and [m["start_checksum"] for m in merged["merged_from"]] == [
+        whole["start_checksum"],
+        "converted-again",
+    ]
+    paths = []
+    for i, part in enumerate(parts):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(part))
+    merge_results([str(p) for p in paths], tmp_path / "out")
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "Merged from the results of these commands" in table and "all seed 1, top seed 1" in table
+    assert "| all | 54.3 ± 0.6 |" in table and (tmp_path / "out" / "accuracy.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r["training"].update(learning_rate=1e-3), "differs in training.learning_rate"),
+        (lambda r: r["ablation"].update(lora_r=8), "differs in lora_r"),
+        (lambda r: r["start"].update(accuracy={**r["start"]["accuracy"], "greedy": 0.5}), "another start model"),
+        (lambda r: r["arm_fields"]["top"].update(forking_ratio=0.5), "arm 'top' has fields"),
+        (lambda r: r["arms"]["all"]["runs"][0].update(seed=0), r"arm 'all' seed\(s\) \[0\] are in an earlier"),
+    ],
+    ids=["training", "experiment", "start", "arm", "seed-twice"],
+)
+def test_reports_of_other_experiments_are_not_merged(change, message):
+    import copy
+
+    from forking_trl.ablation import merge_reports
+
+    whole = json.loads((ROOT / "docs/real/rlvr/results.json").read_text())
+    first, second = _one_seed_of(whole, 0), copy.deepcopy(_one_seed_of(whole, 1))
+    change(second)
+    with pytest.raises(ValueError, match=message):
+        merge_reports([first, second], "merged")
+    with pytest.raises(ValueError, match="at least 2 reports"):
+        merge_reports([first], "merged")
+
+
+def test_the_merge_command_names_a_bad_file(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "examples"))
+    from ablation import main
+
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        main(["merge", "--output_dir", str(tmp_path / "out"), str(tmp_path / "bad.json"), str(tmp_path / "x.json")])
+    assert "bad.json: not a readable results.json" in capsys.readouterr().err

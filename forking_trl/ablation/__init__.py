@@ -62,7 +62,7 @@ from .jobs import (
     spec_key,
 )
 from .plots import plot_accuracy, plot_curve, plot_entropy_training, plot_exploration
-from .report import CURVES, MEASURES, Curve, Measure, results_markdown, verdicts
+from .report import CURVES, MEASURES, Curve, Measure, merge_reports, results_markdown, verdicts
 from .runs import run_arm, run_job, run_spec, write_result
 from .start import measure, model_checksum, sft_warm_start, start_model, task_data
 
@@ -113,6 +113,8 @@ __all__ = [
     "verdicts",
     "write_result",
     "write_results",
+    "merge_reports",
+    "merge_results",
 ]
 
 
@@ -167,6 +169,21 @@ def _digest(value) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def merge_results(paths: list[str], out: str | Path) -> dict:
+    """Merge the `results.json` of several commands of one experiment (`report.merge_reports`: refused, naming what
+    differs, when they are not) into one report in `out`: results.json, results.md and the figures."""
+    reports = []
+    for path in paths:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a readable results.json ({err}).") from err
+    command = "python examples/ablation.py merge --output_dir " + " ".join(map(str, [out, *paths]))
+    report = merge_reports(reports, command)
+    write_results(report, Path(out))
+    return {**report, "output_dir": str(out)}
 
 
 def run_ablation(argv: list[str]) -> dict:

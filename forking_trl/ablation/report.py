@@ -204,8 +204,86 @@ def _curve_summary(runs: list[dict], curve: Curve) -> dict:
     return {k: _mean_std([r[curve.key][curve.values_key][k] for r in runs]) for k in ks}
 
 
+# the experiment fields that say which arms and seeds ran, and how and where: reports of one experiment may differ in
+# these and still be merged (threads and processes per run change the numbers: they must agree)
+MERGE_FREE_FIELDS = frozenset(
+    {"arms", "arm_configs", "seeds", "parallel", "launcher", "rerun", "job_timeout_min", "quick"}
+    | {"slurm_partition", "slurm_gpus_per_run", "slurm_cpus_per_run", "slurm_mem_gb", "slurm_job_name"}
+    | {"slurm_additional"}
+)
+
+
+def merge_reports(reports: list[dict], command: str) -> dict:
+    """One report from the reports of several commands of the same experiment (other seeds, another arm, run on
+    another day): the runs of each arm together, the means and spreads computed again. Refused, naming what differs:
+    other settings (every experiment and training field but which arms and seeds ran and where), an arm trained with
+    other fields, another start measurement (accuracy), the same arm and seed twice. The start model's checksum may
+    differ (a checkpoint converted again has another modification time); each report's is kept in `merged_from`."""
+    if len(reports) < 2:
+        raise ValueError(f"merge needs at least 2 reports; got {len(reports)}.")
+    first = reports[0]
+    runs: dict[str, list[dict]] = {}
+    arm_fields: dict[str, dict] = {}
+    for i, report in enumerate(reports):
+        where = f"report {i + 1} ({report.get('command', '?')})"
+        if i:
+            keys = (set(first["ablation"]) | set(report["ablation"])) - MERGE_FREE_FIELDS
+            differ = sorted(k for k in keys if first["ablation"].get(k) != report["ablation"].get(k))
+            differ += sorted(
+                f"training.{k}"
+                for k in set(first["training"]) | set(report["training"])
+                if first["training"].get(k) != report["training"].get(k)
+            )
+            if differ:
+                raise ValueError(f"{where} is another experiment than report 1: it differs in {', '.join(differ)}.")
+            if report["start"]["accuracy"] != first["start"]["accuracy"]:
+                raise ValueError(
+                    f"{where} measured another start model: accuracy {report['start']['accuracy']} against "
+                    f"{first['start']['accuracy']} in report 1."
+                )
+        for arm, summary in report["arms"].items():
+            fields = report["arm_fields"][arm]
+            if arm_fields.setdefault(arm, fields) != fields:
+                raise ValueError(f"{where}: arm {arm!r} has fields {fields}, another report {arm_fields[arm]}.")
+            seen = {r["seed"] for r in runs.get(arm, [])}
+            twice = sorted(seen & {r["seed"] for r in summary["runs"]})
+            if twice:
+                raise ValueError(f"{where}: arm {arm!r} seed(s) {twice} are in an earlier report too.")
+            runs.setdefault(arm, []).extend(summary["runs"])
+    seeds = sorted({r["seed"] for arm_runs in runs.values() for r in arm_runs})
+    return {
+        **first,
+        "command": command,
+        "ablation": {**first["ablation"], "arms": list(runs), "seeds": seeds, "arm_configs": None},
+        "arm_fields": arm_fields,
+        "arms": {arm: _arm_summary(arm_runs) for arm, arm_runs in runs.items()},
+        "failed_runs": [f for r in reports for f in r.get("failed_runs", [])],
+        "wall_seconds": sum(r.get("wall_seconds", 0) for r in reports),
+        "merged_from": [
+            {
+                "command": r["command"],
+                "start_checksum": r.get("start_checksum"),
+                "start": r["start"],
+                "runs": [[arm, run["seed"]] for arm, a in r["arms"].items() for run in a["runs"]],
+            }
+            for r in reports
+        ],
+    }
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # outputs: plain functions of the report (a test calls them on a small one)
+
+
+def _merged_lines(report: dict) -> list[str]:
+    """For a merged report: which command ran which runs; the start line below is the first report's."""
+    if "merged_from" not in report:
+        return []
+    lines = ["Merged from the results of these commands (the start model measured by the first):", ""]
+    for m in report["merged_from"]:
+        runs = ", ".join(f"{arm} seed {seed}" for arm, seed in m["runs"])
+        lines.append(f"- `{m['command']}`: {runs}; start model checksum {str(m['start_checksum'])[:12]}")
+    return [*lines, ""]
 
 
 def results_markdown(report: dict) -> str:
@@ -225,6 +303,7 @@ def results_markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`; {report.get('wall_seconds', 0) / 60:.1f} min.",
         "",
+        *_merged_lines(report),
         _start_line(start) + ".",
         "",
         f"Held-out accuracy after training, mean ± standard deviation over {n_seeds} seed(s); gain in points over the "
