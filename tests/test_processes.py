@@ -119,3 +119,22 @@ def test_local_jobs_end_with_a_runner_started_in_the_background(tmp_path, cleanu
     runner.send_signal(stop)
     runner.wait(30)
     assert gone(pids), [psutil.Process(p).cmdline() for p in pids if psutil.pid_exists(p)]
+
+
+def test_a_wall_clock_step_does_not_end_the_local_jobs(monkeypatch):
+    """A local job ends itself once its runner is gone, and must not before. The runner was named by its pid and
+    psutil's create_time, which adds the boot time read anew from the wall clock: a clock step (a VM's time sync,
+    2026-12-07) made a live runner look gone, and two jobs of a real-model run killed themselves mid-training."""
+    import psutil._pslinux as pslinux
+
+    from forking_trl.ablation.jobs import runner_alive, runner_identity
+
+    identity = runner_identity()
+    assert runner_alive(identity)
+    booted = pslinux.boot_time()
+    monkeypatch.setattr(pslinux, "boot_time", lambda: booted + 3600.0)  # the wall clock stepped an hour
+    assert runner_alive(identity)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    assert not runner_alive(f"{ended.pid}:{identity.split(':', 1)[1]}")  # a runner that is gone
+    assert not runner_alive(f"{os.getpid()}:1")  # another process under this pid (another start)

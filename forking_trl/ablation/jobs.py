@@ -215,19 +215,30 @@ def cancel(job, launcher: str) -> None:
         end_tree(int(job.job_id))
 
 
-RUNNER_ENV = "FORKING_TRL_RUNNER"  # "pid:create_time" of the command whose local jobs these are
+RUNNER_ENV = "FORKING_TRL_RUNNER"  # "pid:start" of the command whose local jobs these are (`runner_identity`)
+
+
+def _started(pid: int) -> str:
+    """When process `pid` started, in a form that never changes while it runs: on Linux its start in clock ticks
+    since boot (/proc/PID/stat, field 22); elsewhere psutil's create_time. psutil's create_time on Linux adds the boot
+    time, read anew from the wall clock each call, so a clock step moves it: a live process would look another."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split()[19]
+    except (OSError, ValueError, IndexError):
+        return repr(psutil.Process(pid).create_time())
 
 
 def runner_identity() -> str:
-    """This process as `RUNNER_ENV` names it (the start time tells a reused pid from this process)."""
-    return f"{os.getpid()}:{psutil.Process().create_time()}"
+    """This process as `RUNNER_ENV` names it (the start tells a reused pid from this process)."""
+    return f"{os.getpid()}:{_started(os.getpid())}"
 
 
 def runner_alive(identity: str) -> bool:
     """Whether the process `identity` (`runner_identity`) still runs."""
-    pid, created = identity.split(":")
+    pid, started = identity.split(":", 1)
     try:
-        return psutil.Process(int(pid)).create_time() == float(created)
+        return _started(int(pid)) == started
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return False
 
