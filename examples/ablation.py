@@ -59,7 +59,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"ablation: {failure}")
     out = report["output_dir"]
     print(open(os.path.join(out, "results.md")).read())
-    print(f"written: {out}/results.json, results.md, accuracy.png, entropy_training.png, start_tokens.html")
+    made = (
+        "results.json, results.md and the figures"
+        if argv[:1] == ["merge"]
+        else "results.json, results.md, accuracy.png, entropy_training.png, start_tokens.html"
+    )
+    print(f"written: {out}/{made}")
 
 
 if __name__ == "__main__":
