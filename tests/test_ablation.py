@@ -280,7 +280,10 @@ def test_runner_recipes_parse_and_every_arm_validates(recipe, tmp_path, capsys):
             assert ab.arm_fields(arm)["branching"] is True and args.num_generations == 8
     if recipe.startswith("smollm2"):  # a real model by name, LoRA, the instruction after each question
         assert ab.start_model == "smollm2-135m-instruct" and ab.peft_config().r == 16 and ab.seeds == [0, 1, 2]
-        assert ab.arms == ["all", "top", "bottom"]
+        assert (
+            ab.arms == ["all", "top", "bottom", "top_kept"]
+            and ab.arm_fields("top_kept")["forking_normalizer"] == "kept"
+        )
         assert ab.make_task().rows(1, 0)[0]["prompt"][0]["content"].endswith("? Answer with just the number.")
 
 
