@@ -50,18 +50,19 @@ def merge(argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    merging = argv[:1] == ["merge"]
     ########################
     # every stage: start model, arms x seeds, measurements, results files; or merge earlier commands' results
     ########################
     try:
-        report = merge(argv[1:]) if argv[:1] == ["merge"] else run_ablation(argv)
+        report = merge(argv[1:]) if merging else run_ablation(argv)
     except RunsFailed as failure:  # the finished runs' results are written; say which failed, exit non-zero
         sys.exit(f"ablation: {failure}")
     out = report["output_dir"]
     print(open(os.path.join(out, "results.md")).read())
     made = (
         "results.json, results.md and the figures"
-        if argv[:1] == ["merge"]
+        if merging
         else "results.json, results.md, accuracy.png, entropy_training.png, start_tokens.html"
     )
     print(f"written: {out}/{made}")
